@@ -1,0 +1,203 @@
+"""Validation of topics and types, and the JSON encoding of event data.
+
+Data and metadata are encoded with the standard library's JSON encoder, extended
+for the types applications keep in events. Each is stored one way:
+
+=========================  ==========================================  ==============
+Python value               stored as                                   read back as
+=========================  ==========================================  ==============
+``Decimal``                string with the exact digits, ``"19.99"``   ``str``
+aware ``datetime``         ISO 8601 string with offset                 ``str``
+``date``, ``time``         ISO 8601 string                             ``str``
+``UUID``                   canonical hyphenated string                 ``str``
+``Enum``                   its value, encoded by these rules           that value
+pydantic model             ``model_dump(mode="json")``                 ``dict``
+=========================  ==========================================  ==============
+
+Reading the data back into a pydantic model (`Event.data_as`) restores the original
+types exactly; ``Decimal("19.99")`` stays ``Decimal("19.99")``. Strings keep money
+exact in every consumer, including JavaScript, where a JSON number is a float.
+
+Rejected with `InvalidData`: naive datetimes (their instant is ambiguous), NaN and
+infinities, the NUL character (jsonb cannot store ``\\u0000``), sets (no order) and
+any other type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import DataTooLarge, InvalidData, InvalidEventType, InvalidTopic
+
+MAX_TOPIC_BYTES = 512
+MAX_TOPICS_PER_EVENT = 64
+MAX_TYPE_BYTES = 255
+
+
+def validate_topics(topics: str | Iterable[str]) -> tuple[str, ...]:
+    """Return `topics` as a tuple without duplicates, in first-seen order."""
+    if isinstance(topics, str):
+        topics = (topics,)
+    elif not isinstance(topics, Iterable) or isinstance(topics, (bytes, bytearray, dict)):
+        raise InvalidTopic(
+            f"invalid topics {topics!r}: expected a string or a list of strings",
+            topics,
+        )
+    result = tuple(dict.fromkeys(validate_topic(t) for t in topics))
+    if not result:
+        raise InvalidTopic("no topic given: an event needs at least one topic", result)
+    if len(result) > MAX_TOPICS_PER_EVENT:
+        raise InvalidTopic(
+            f"too many topics ({len(result)}): an event may have at most "
+            f"{MAX_TOPICS_PER_EVENT}",
+            result,
+        )
+    return result
+
+
+def validate_topic(topic: object) -> str:
+    if not isinstance(topic, str):
+        raise InvalidTopic(f"invalid topic {topic!r}: expected a string", topic)
+    if not topic:
+        raise InvalidTopic("invalid topic '': a topic must not be empty", topic)
+    if "\x00" in topic:
+        raise InvalidTopic(
+            f"invalid topic {topic!r}: it contains a NUL character, which PostgreSQL "
+            "text cannot store",
+            topic,
+        )
+    size = len(topic.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TOPIC_BYTES:
+        raise InvalidTopic(
+            f"invalid topic {_shorten(topic)!r}: {size} bytes in UTF-8, the maximum "
+            f"is {MAX_TOPIC_BYTES}",
+            topic,
+        )
+    _check_encodable(topic, "topic")
+    return topic
+
+
+def validate_type(event_type: object) -> str:
+    if not isinstance(event_type, str):
+        raise InvalidEventType(
+            f"invalid event type {event_type!r}: expected a string", event_type
+        )
+    if not event_type.strip():
+        raise InvalidEventType(
+            f"invalid event type {event_type!r}: it must contain a visible character",
+            event_type,
+        )
+    if "\x00" in event_type:
+        raise InvalidEventType(
+            f"invalid event type {event_type!r}: it contains a NUL character", event_type
+        )
+    size = len(event_type.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TYPE_BYTES:
+        raise InvalidEventType(
+            f"invalid event type {_shorten(event_type)!r}: {size} bytes in UTF-8, the "
+            f"maximum is {MAX_TYPE_BYTES}",
+            event_type,
+        )
+    _check_encodable(event_type, "event type")
+    return event_type
+
+
+def encode_data(value: Any, limit: int, what: str = "data") -> str:
+    """Return `value` as JSON text for a jsonb column, or raise `InvalidEvent`."""
+    try:
+        text = json.dumps(
+            value, default=_encode_extra, allow_nan=False, ensure_ascii=False,
+            separators=(",", ":"),
+        )
+    except InvalidData as exc:
+        raise InvalidData(f"invalid event {what}: {exc}") from None
+    except ValueError as exc:
+        # Raised for NaN and infinities (allow_nan=False) and for circular references.
+        raise InvalidData(f"invalid event {what}: {exc}; JSON has no such value") from None
+    except TypeError as exc:
+        raise InvalidData(f"invalid event {what}: {exc}") from None
+
+    if "\\u0000" in text:
+        raise InvalidData(
+            f"invalid event {what}: it contains a NUL character (\\u0000) in a string, "
+            "which PostgreSQL jsonb cannot store; remove it or encode the value "
+            "(for example as base64)"
+        )
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > limit:
+        raise DataTooLarge(
+            f"event {what} is {size} bytes as JSON, over the limit of {limit} bytes; "
+            "store large payloads elsewhere and publish a reference, or raise "
+            "max_data_bytes",
+            size,
+            limit,
+        )
+    _check_encodable(text, f"event {what}")
+    return text
+
+
+def encode_metadata(metadata: Any, limit: int) -> str:
+    if metadata is None:
+        return "{}"
+    if isinstance(metadata, BaseModel):
+        metadata = metadata.model_dump(mode="json")
+    if not isinstance(metadata, dict):
+        raise InvalidData(
+            f"invalid event metadata {_shorten(repr(metadata))}: expected a dict such as "
+            "{'correlation_id': ..., 'actor': ...}"
+        )
+    return encode_data(metadata, limit, what="metadata")
+
+
+def _encode_extra(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidData(f"Decimal {value} is not a finite number")
+        return str(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidData(
+                f"datetime {value.isoformat()!r} has no time zone; pass an aware "
+                "datetime such as datetime.now(timezone.utc)"
+            )
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (set, frozenset)):
+        raise InvalidData(
+            f"{_shorten(repr(value))} is a set, which has no order; pass a sorted list"
+        )
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        return list(value)
+    raise InvalidData(
+        f"value {_shorten(repr(value))} of type {type(value).__qualname__} is not "
+        "JSON-serializable; convert it to str, int, float, bool, None, list or dict"
+    )
+
+
+def _check_encodable(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidData(
+            f"invalid {what}: it contains a lone surrogate at position {exc.start}, "
+            "which UTF-8 cannot encode"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,149 @@
+"""Exceptions raised by eventlog.
+
+Every exception the library raises on purpose derives from `EventLogError`::
+
+    EventLogError
+    ├── ConfigurationError        bad settings: URL, schema name, intervals
+    ├── InvalidEvent (ValueError) rejected before anything is written
+    │   ├── InvalidTopic
+    │   ├── InvalidEventType
+    │   ├── InvalidData           not JSON-serializable, or not storable as jsonb
+    │   └── DataTooLarge
+    ├── SubscriptionStateError    a call that the subscription's state does not allow
+    └── DatabaseError             a database operation failed (`sqlstate` attached)
+        ├── SchemaNotFound        migrations were not applied to this database
+        ├── AppendOnlyViolation   UPDATE, DELETE or TRUNCATE on the event table
+        └── ConnectionFailed      the server could not be reached or went away
+
+Driver errors are translated at one boundary (`translate_errors`), so callers can
+catch these classes without importing psycopg; the original exception stays
+available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+import psycopg.errors
+
+__all__ = [
+    "AppendOnlyViolation",
+    "ConfigurationError",
+    "ConnectionFailed",
+    "DataTooLarge",
+    "DatabaseError",
+    "EventLogError",
+    "InvalidData",
+    "InvalidEvent",
+    "InvalidEventType",
+    "InvalidTopic",
+    "SchemaNotFound",
+    "SubscriptionStateError",
+]
+
+# SQLSTATE raised by the append-only triggers (class 55, "object not in
+# prerequisite state"; custom code so it cannot be confused with a server error).
+APPEND_ONLY_SQLSTATE = "55EL1"
+
+
+class EventLogError(Exception):
+    """Base class of every error raised by eventlog."""
+
+
+class ConfigurationError(EventLogError):
+    """A setting is missing or invalid."""
+
+
+class InvalidEvent(EventLogError, ValueError):
+    """An event was rejected before anything was written to the database."""
+
+
+class InvalidTopic(InvalidEvent):
+    """A topic is empty, too long, not a string or contains a NUL character."""
+
+    def __init__(self, message: str, topic: object) -> None:
+        super().__init__(message)
+        self.topic = topic
+
+
+class InvalidEventType(InvalidEvent):
+    """An event type is empty, too long, not a string or contains a NUL character."""
+
+    def __init__(self, message: str, event_type: object) -> None:
+        super().__init__(message)
+        self.event_type = event_type
+
+
+class InvalidData(InvalidEvent):
+    """Event data or metadata cannot be encoded as a PostgreSQL jsonb value."""
+
+
+class DataTooLarge(InvalidEvent):
+    """Encoded event data is larger than the configured maximum."""
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class SubscriptionStateError(EventLogError):
+    """A subscription method was called in a state that does not allow it."""
+
+
+class DatabaseError(EventLogError):
+    """A database operation failed; `sqlstate` holds the server's code if any."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class SchemaNotFound(DatabaseError):
+    """The log's schema, table or functions do not exist: run the migrations."""
+
+
+class AppendOnlyViolation(DatabaseError):
+    """An UPDATE, DELETE or TRUNCATE on the event table was rejected."""
+
+
+class ConnectionFailed(DatabaseError):
+    """The database server could not be reached, or the connection was lost."""
+
+
+_MISSING_OBJECT_CLASSES = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.InvalidSchemaName,
+)
+
+
+def translate(exc: psycopg.Error, schema: str) -> EventLogError:
+    """Return the eventlog exception that stands for a psycopg exception."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+    if sqlstate == APPEND_ONLY_SQLSTATE:
+        return AppendOnlyViolation(text, sqlstate)
+    if isinstance(exc, _MISSING_OBJECT_CLASSES):
+        return SchemaNotFound(
+            f"event log schema {schema!r} is missing or incomplete ({text}); "
+            "run `eventlog migrate` against this database",
+            sqlstate,
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        # Class 08 (connection exception), 57P (shutdown, terminated backend) and
+        # client-side failures without a SQLSTATE: the caller may retry.
+        return ConnectionFailed(f"database connection failed: {text}", sqlstate)
+    return DatabaseError(text, sqlstate)
+
+
+@contextlib.contextmanager
+def translate_errors(schema: str) -> Iterator[None]:
+    """Re-raise psycopg errors raised in the block as eventlog errors."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise translate(exc, schema) from exc

@@ -1,0 +1,501 @@
+"""`EventLog` and `AsyncEventLog`: publish, replay and subscribe.
+
+The two classes have the same methods; the async ones are coroutines. Everything
+that is not waiting on I/O (validation, encoding, SQL, row decoding) lives in
+shared helpers, so both behave the same, and one contract test suite runs
+against both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from . import _listener
+from ._encoding import validate_topics, validate_type
+from ._models import Event, NewEvent
+from ._settings import Settings
+from ._sql import (
+    EncodedEvent,
+    EventFilter,
+    encode_event,
+    event_from_row,
+    publish_batch_params,
+    publish_params,
+    select_events,
+    statements,
+    stored_events,
+)
+from ._subscription import AsyncSubscription, ReadBatch, Subscription
+from .errors import ConnectionFailed, EventLogError, translate
+
+__all__ = ["AsyncEventLog", "AsyncTransaction", "EventLog", "Transaction"]
+
+logger = logging.getLogger(__name__)
+
+EventLike = NewEvent | tuple[Any, ...] | dict[str, Any]
+
+
+def _as_new_event(item: EventLike) -> NewEvent:
+    if isinstance(item, NewEvent):
+        return item
+    if isinstance(item, dict):
+        return NewEvent(**item)
+    if isinstance(item, tuple):
+        return NewEvent(*item)
+    raise TypeError(
+        f"invalid event {item!r}: expected NewEvent, a (topics, type, data) tuple or a dict"
+    )
+
+
+def _topics_filter(topics: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if topics is None else validate_topics(topics)
+
+
+class _LogBase:
+    """Settings, validation and the listener reference shared by both classes."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        schema: str | None = None,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings.load(database_url, schema_name=schema, **options)
+        elif database_url is not None or schema is not None or options:
+            settings = settings.model_copy(
+                update={
+                    k: v
+                    for k, v in dict(database_url=database_url, schema_name=schema, **options).items()
+                    if v is not None
+                }
+            )
+            settings = Settings.model_validate(settings.model_dump())
+        self.settings = settings
+        self._conninfo = settings.conninfo()
+        self._listener_lock = threading.Lock()
+        self._listener_ref: _listener.Listener | None = None
+        self._listener_users = 0
+
+    @property
+    def schema(self) -> str:
+        return self.settings.schema_name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.settings.redacted_url()} schema={self.schema!r}>"
+
+    def _encode(self, events: Iterable[EventLike]) -> list[EncodedEvent]:
+        limit = self.settings.max_data_bytes
+        return [encode_event(_as_new_event(e), limit) for e in events]
+
+    def _encode_one(
+        self, topics: str | Iterable[str], type: str, data: Any, metadata: dict[str, Any] | None
+    ) -> EncodedEvent:
+        return encode_event(NewEvent(topics, type, data, metadata), self.settings.max_data_bytes)
+
+    def _translate(self, exc: psycopg.Error) -> EventLogError:
+        return translate(exc, self.schema)
+
+    def _pool_failure(self, exc: PoolTimeout) -> ConnectionFailed:
+        return ConnectionFailed(
+            f"could not get a connection to {self.settings.redacted_url()} within "
+            f"{self.settings.connect_timeout:g} s ({exc}); check that the server is running "
+            "and the URL is right"
+        )
+
+    def _listener(self) -> _listener.Listener:
+        with self._listener_lock:
+            if self._listener_ref is None:
+                self._listener_ref = _listener.acquire(self._conninfo, self.settings)
+            self._listener_users += 1
+            return self._listener_ref
+
+    def _release_listener(self) -> None:
+        with self._listener_lock:
+            self._listener_users -= 1
+            if self._listener_users > 0 or self._listener_ref is None:
+                return
+            listener, self._listener_ref = self._listener_ref, None
+        _listener.release(listener)
+
+    @property
+    def listener(self) -> _listener.Listener | None:
+        """The shared LISTEN connection, while any subscription is open."""
+        return self._listener_ref
+
+
+class Transaction:
+    """A database transaction whose published events are written at commit.
+
+    `connection` is the psycopg connection of the transaction: run the
+    application's own statements on it. Events passed to `publish` are buffered
+    and written as the last statement before COMMIT, so the ordering lock is held
+    only for the commit itself. After the block, `events` holds the stored events.
+    """
+
+    def __init__(self, log: _LogBase, connection: Any) -> None:
+        self._log = log
+        self.connection = connection
+        self._pending: list[EncodedEvent] = []
+        self.events: list[Event] = []
+
+    def publish(
+        self,
+        topics: str | Iterable[str],
+        type: str,
+        data: Any = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Buffer an event; it is validated now and written at commit."""
+        self._pending.append(self._log._encode_one(topics, type, data, metadata))
+
+    def publish_many(self, events: Iterable[EventLike]) -> None:
+        self._pending.extend(self._log._encode(events))
+
+
+class AsyncTransaction(Transaction):
+    """The async twin of `Transaction`; `connection` is a psycopg `AsyncConnection`."""
+
+
+class EventLog(_LogBase):
+    """A log, used from threads.
+
+    >>> with EventLog("postgresql://localhost/app") as log:
+    ...     event = log.publish("shop:products", "product_created", {"id": 1})
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        schema: str | None = None,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(database_url, schema=schema, settings=settings, **options)
+        self._pool = ConnectionPool(
+            self._conninfo,
+            min_size=self.settings.pool_min_size,
+            max_size=self.settings.pool_max_size,
+            kwargs={"autocommit": True, "application_name": "eventlog"},
+            timeout=self.settings.connect_timeout,
+            open=False,
+            name=f"eventlog-{self.schema}",
+        )
+        self._opened = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> EventLog:
+        if not self._opened:
+            self._pool.open(wait=False)
+            self._opened = True
+        return self
+
+    def close(self) -> None:
+        if self._opened:
+            self._pool.close()
+            self._opened = False
+
+    def __enter__(self) -> EventLog:
+        return self.open()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """Borrow a pooled autocommit connection, translating errors on the way out."""
+        self.open()
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise self._pool_failure(exc) from exc
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(
+        self,
+        topics: str | Iterable[str],
+        type: str,
+        data: Any = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Event:
+        """Append one event and ring its topics' doorbells; return the stored event."""
+        encoded = self._encode_one(topics, type, data, metadata)
+        with self.connection() as conn:
+            row = conn.execute(statements(self.schema).publish, publish_params(encoded)).fetchone()
+        assert row is not None
+        return encoded.stored(row[0], row[1])
+
+    def publish_many(self, events: Iterable[EventLike]) -> list[Event]:
+        """Append several events in one transaction, in order; return them stored."""
+        encoded = self._encode(events)
+        if not encoded:
+            return []
+        with self.connection() as conn:
+            rows = conn.execute(
+                statements(self.schema).publish_batch, publish_batch_params(encoded)
+            ).fetchall()
+        return stored_events(encoded, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Open a transaction; events published in it are written at commit."""
+        with self.connection() as conn, conn.transaction():
+            tx = Transaction(self, conn)
+            yield tx
+            _flush_sync(self.schema, tx, conn)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def head(self) -> int:
+        """Return the id of the newest committed event, 0 for an empty log."""
+        with self.connection() as conn:
+            row = conn.execute(statements(self.schema).head).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def read(
+        self, topics: str | Iterable[str] | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[Event]:
+        """Return one page: events of `topics` (None: all) with ids above `after`."""
+        page = limit or self.settings.batch_size
+        query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
+        with self.connection() as conn:
+            return [event_from_row(r) for r in conn.execute(query, params).fetchall()]
+
+    def replay(
+        self,
+        topics: str | Iterable[str] | None = None,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Event]:
+        """Yield events of `topics` with ids in (after, until], in id order, page by page.
+
+        Each page is a separate query on the primary key, so no connection or
+        snapshot is held while the caller handles events.
+        """
+        yield from self.query(
+            EventFilter(_topics_filter(topics), after_id=after, until_id=until),
+            page_size=page_size,
+        )
+
+    def query(self, where: EventFilter, *, page_size: int | None = None) -> Iterator[Event]:
+        """Yield events that match `where`, in id order, page by page."""
+        page = page_size or self.settings.batch_size
+        cursor = where.after_id
+        while True:
+            query, params = select_events(self.schema, _after(where, cursor), page)
+            with self.connection() as conn:
+                rows = conn.execute(query, params).fetchall()
+            for row in rows:
+                yield event_from_row(row)
+            if len(rows) < page:
+                return
+            cursor = rows[-1][0]
+
+    def subscribe(self, topics: str | Iterable[str], *, after: int | None = None) -> Subscription:
+        """Return a subscription to `topics`, resuming after event id `after`.
+
+        With ``after=None`` it delivers only events committed from now on. Open it
+        with ``with`` (or iterate it directly) and close it when done.
+        """
+        return Subscription(self, topics, after)
+
+    def _read_batch(self, read: ReadBatch) -> list[Event]:
+        query, params = select_events(self.schema, EventFilter(read.topics, after_id=read.after), read.limit)
+        with self.connection() as conn:
+            return [event_from_row(r) for r in conn.execute(query, params).fetchall()]
+
+
+class AsyncEventLog(_LogBase):
+    """A log, used from asyncio code. Same methods as `EventLog`, as coroutines."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        schema: str | None = None,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(database_url, schema=schema, settings=settings, **options)
+        self._pool: AsyncConnectionPool | None = None
+
+    async def open(self) -> AsyncEventLog:
+        if self._pool is None:
+            # AsyncConnectionPool must be created inside a running loop.
+            self._pool = AsyncConnectionPool(
+                self._conninfo,
+                min_size=self.settings.pool_min_size,
+                max_size=self.settings.pool_max_size,
+                kwargs={"autocommit": True, "application_name": "eventlog"},
+                timeout=self.settings.connect_timeout,
+                open=False,
+                name=f"eventlog-async-{self.schema}",
+            )
+            await self._pool.open(wait=False)
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def __aenter__(self) -> AsyncEventLog:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """Borrow a pooled autocommit connection, translating errors on the way out."""
+        await self.open()
+        assert self._pool is not None
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise self._pool_failure(exc) from exc
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    async def publish(
+        self,
+        topics: str | Iterable[str],
+        type: str,
+        data: Any = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Event:
+        """Append one event and ring its topics' doorbells; return the stored event."""
+        encoded = self._encode_one(topics, type, data, metadata)
+        async with self.connection() as conn:
+            cur = await conn.execute(statements(self.schema).publish, publish_params(encoded))
+            row = await cur.fetchone()
+        assert row is not None
+        return encoded.stored(row[0], row[1])
+
+    async def publish_many(self, events: Iterable[EventLike]) -> list[Event]:
+        """Append several events in one transaction, in order; return them stored."""
+        encoded = self._encode(events)
+        if not encoded:
+            return []
+        async with self.connection() as conn:
+            cur = await conn.execute(statements(self.schema).publish_batch, publish_batch_params(encoded))
+            rows = await cur.fetchall()
+        return stored_events(encoded, rows)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """Open a transaction; events published in it are written at commit."""
+        async with self.connection() as conn, conn.transaction():
+            tx = AsyncTransaction(self, conn)
+            yield tx
+            await _flush_async(self.schema, tx, conn)
+
+    async def head(self) -> int:
+        """Return the id of the newest committed event, 0 for an empty log."""
+        async with self.connection() as conn:
+            cur = await conn.execute(statements(self.schema).head)
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def read(
+        self, topics: str | Iterable[str] | None = None, *, after: int = 0, limit: int | None = None
+    ) -> list[Event]:
+        """Return one page: events of `topics` (None: all) with ids above `after`."""
+        page = limit or self.settings.batch_size
+        query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
+        async with self.connection() as conn:
+            cur = await conn.execute(query, params)
+            return [event_from_row(r) for r in await cur.fetchall()]
+
+    async def replay(
+        self,
+        topics: str | Iterable[str] | None = None,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Event]:
+        """Yield events of `topics` with ids in (after, until], in id order, page by page."""
+        where = EventFilter(_topics_filter(topics), after_id=after, until_id=until)
+        async for event in self.query(where, page_size=page_size):
+            yield event
+
+    async def query(self, where: EventFilter, *, page_size: int | None = None) -> AsyncIterator[Event]:
+        """Yield events that match `where`, in id order, page by page."""
+        page = page_size or self.settings.batch_size
+        cursor = where.after_id
+        while True:
+            query, params = select_events(self.schema, _after(where, cursor), page)
+            async with self.connection() as conn:
+                cur = await conn.execute(query, params)
+                rows = await cur.fetchall()
+            for row in rows:
+                yield event_from_row(row)
+            if len(rows) < page:
+                return
+            cursor = rows[-1][0]
+
+    def subscribe(self, topics: str | Iterable[str], *, after: int | None = None) -> AsyncSubscription:
+        """Return a subscription to `topics`, resuming after event id `after`.
+
+        With ``after=None`` it delivers only events committed from now on. Open it
+        with ``async with`` (or iterate it directly) and close it when done.
+        """
+        return AsyncSubscription(self, topics, after)
+
+    async def _read_batch(self, read: ReadBatch) -> list[Event]:
+        query, params = select_events(self.schema, EventFilter(read.topics, after_id=read.after), read.limit)
+        async with self.connection() as conn:
+            cur = await conn.execute(query, params)
+            return [event_from_row(r) for r in await cur.fetchall()]
+
+
+def _after(where: EventFilter, cursor: int) -> EventFilter:
+    return EventFilter(
+        topics=where.topics,
+        types=where.types,
+        after_id=cursor,
+        until_id=where.until_id,
+        since=where.since,
+        until=where.until,
+    )
+
+
+def _flush_sync(schema: str, tx: Transaction, conn: psycopg.Connection) -> None:
+    if not tx._pending:
+        return
+    rows = conn.execute(statements(schema).publish_batch, publish_batch_params(tx._pending)).fetchall()
+    tx.events = stored_events(tx._pending, rows)
+    tx._pending = []
+
+
+async def _flush_async(schema: str, tx: Transaction, conn: psycopg.AsyncConnection) -> None:
+    if not tx._pending:
+        return
+    cur = await conn.execute(statements(schema).publish_batch, publish_batch_params(tx._pending))
+    tx.events = stored_events(tx._pending, await cur.fetchall())
+    tx._pending = []
