@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._channels import channel_for
 from ._encoding import MAX_TOPIC_BYTES, MAX_TOPICS_PER_EVENT, MAX_TYPE_BYTES
 from ._models import Event, NewEvent
+from ._outbox import PendingEvent
 from ._settings import Settings
 from ._sql import EventFilter
 from ._subscription import AsyncSubscription, Subscription, SubscriptionState
@@ -26,6 +27,7 @@ from .errors import (
     InvalidTopic,
     SchemaNotFound,
     SubscriptionStateError,
+    TransactionStateError,
 )
 from .log import AsyncEventLog, AsyncTransaction, EventLog, Transaction
 
@@ -52,11 +54,13 @@ __all__ = [
     "InvalidEventType",
     "InvalidTopic",
     "NewEvent",
+    "PendingEvent",
     "SchemaNotFound",
     "Settings",
     "Subscription",
     "SubscriptionState",
     "SubscriptionStateError",
     "Transaction",
+    "TransactionStateError",
     "channel_for",
 ]

@@ -27,15 +27,17 @@ from psycopg import sql
 MAX_CHANNEL_BYTES = 63
 HASH_HEX_DIGITS = 32
 
-# Keep this pattern identical to the one in the SQL function `channel_v1`.
-_READABLE_TOPIC = re.compile(r"^[A-Za-z0-9_.:/-]+$", re.ASCII)
+# Keep this pattern identical to the one in the SQL function `channel_v1`. It is
+# applied with fullmatch: Python's `$` also matches before a trailing newline,
+# PostgreSQL's does not, and "shop\n" must not get the readable channel of "shop".
+_READABLE_TOPIC = re.compile(r"[A-Za-z0-9_.:/-]+", re.ASCII)
 
 
 @lru_cache(maxsize=65536)
 def channel_for(topic: str, schema: str = "eventlog") -> str:
     """Return the NOTIFY channel that stands for `topic` in the log of `schema`."""
     readable = f"{schema}:{topic}"
-    if _READABLE_TOPIC.match(topic) and len(readable) <= MAX_CHANNEL_BYTES:
+    if _READABLE_TOPIC.fullmatch(topic) and len(readable) <= MAX_CHANNEL_BYTES:
         return readable
     digest = hashlib.sha256(topic.encode("utf-8")).hexdigest()[:HASH_HEX_DIGITS]
     return f"{schema}#{digest}"

@@ -28,8 +28,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -81,7 +82,12 @@ def validate_topic(topic: object) -> str:
             f"is {MAX_TOPIC_BYTES}",
             topic,
         )
-    _check_encodable(topic, "topic")
+    if _has_lone_surrogate(topic):
+        raise InvalidTopic(
+            f"invalid topic {_shorten(topic)!r}: it contains a lone surrogate, which UTF-8 "
+            "cannot encode",
+            topic,
+        )
     return topic
 
 
@@ -106,7 +112,12 @@ def validate_type(event_type: object) -> str:
             f"maximum is {MAX_TYPE_BYTES}",
             event_type,
         )
-    _check_encodable(event_type, "event type")
+    if _has_lone_surrogate(event_type):
+        raise InvalidEventType(
+            f"invalid event type {_shorten(event_type)!r}: it contains a lone surrogate, "
+            "which UTF-8 cannot encode",
+            event_type,
+        )
     return event_type
 
 
@@ -121,17 +132,27 @@ def encode_data(value: Any, limit: int, what: str = "data") -> str:
         raise InvalidData(f"invalid event {what}: {exc}") from None
     except ValueError as exc:
         # Raised for NaN and infinities (allow_nan=False) and for circular references.
-        raise InvalidData(f"invalid event {what}: {exc}; JSON has no such value") from None
+        raise InvalidData(f"invalid event {what}: {_describe_value_error(value, what, exc)}") from None
     except TypeError as exc:
         raise InvalidData(f"invalid event {what}: {exc}") from None
 
+    # A cheap test first: the text also holds "\\u0000" where a string has a
+    # backslash followed by "u0000", which jsonb stores fine.
     if "\\u0000" in text:
+        found = _describe_string(json.loads(text), lambda s: "\x00" in s, what)
+        if found is not None:
+            raise InvalidData(
+                f"invalid event {what}: {found} contains a NUL character (\\u0000), "
+                "which PostgreSQL jsonb cannot store; remove it or encode the value "
+                "(for example as base64)"
+            )
+    if _has_lone_surrogate(text):
+        found = _describe_string(json.loads(text), _has_lone_surrogate, what)
         raise InvalidData(
-            f"invalid event {what}: it contains a NUL character (\\u0000) in a string, "
-            "which PostgreSQL jsonb cannot store; remove it or encode the value "
-            "(for example as base64)"
+            f"invalid event {what}: {found or 'a string'} contains a lone surrogate, "
+            "which UTF-8 cannot encode"
         )
-    size = len(text.encode("utf-8", errors="surrogatepass"))
+    size = len(text.encode("utf-8"))
     if size > limit:
         raise DataTooLarge(
             f"event {what} is {size} bytes as JSON, over the limit of {limit} bytes; "
@@ -140,7 +161,6 @@ def encode_data(value: Any, limit: int, what: str = "data") -> str:
             size,
             limit,
         )
-    _check_encodable(text, f"event {what}")
     return text
 
 
@@ -189,14 +209,54 @@ def _encode_extra(value: Any) -> Any:
     )
 
 
-def _check_encodable(text: str, what: str) -> None:
+def _has_lone_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidData(
-            f"invalid {what}: it contains a lone surrogate at position {exc.start}, "
-            "which UTF-8 cannot encode"
-        ) from None
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _describe_value_error(value: Any, what: str, exc: ValueError) -> str:
+    """Name the NaN or infinity that made the JSON encoder fail, and where it is."""
+    try:
+        # Encode once more allowing NaN; the decoded copy shows where it is.
+        decoded = json.loads(json.dumps(value, default=_encode_extra, allow_nan=True))
+    except (ValueError, TypeError, InvalidData):
+        return str(exc)  # a circular reference: the encoder's message says so
+    found = _find(decoded, lambda v: isinstance(v, float) and not math.isfinite(v), what)
+    if found is None:
+        return f"{exc}; JSON has no NaN or infinity"
+    where, number = found
+    return f"{number!r} in {where} is not a finite number, and JSON has no NaN or infinity"
+
+
+def _describe_string(decoded: Any, test: Callable[[str], bool], what: str) -> str | None:
+    """Name the first string (a value or a key) in `decoded` that passes `test`."""
+    found = _find(decoded, lambda v: isinstance(v, str) and test(v), what)
+    if found is None:
+        return None
+    where, string = found
+    return f"the string {_shorten(repr(string))} in {where}"
+
+
+def _find(value: Any, test: Callable[[Any], bool], where: str) -> tuple[str, Any] | None:
+    """Return the first value in decoded JSON that passes `test` (keys too), and where it is."""
+    if test(value):
+        return where, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if test(key):
+                return f"the keys of {where}", key
+            found = _find(item, test, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _find(item, test, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _shorten(text: str, limit: int = 80) -> str:

@@ -10,6 +10,7 @@ Every exception the library raises on purpose derives from `EventLogError`::
     │   ├── InvalidData           not JSON-serializable, or not storable as jsonb
     │   └── DataTooLarge
     ├── SubscriptionStateError    a call that the subscription's state does not allow
+    ├── TransactionStateError     publishing where no transaction of ours can write the events
     └── DatabaseError             a database operation failed (`sqlstate` attached)
         ├── SchemaNotFound        migrations were not applied to this database
         ├── AppendOnlyViolation   UPDATE, DELETE or TRUNCATE on the event table
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidTopic",
     "SchemaNotFound",
     "SubscriptionStateError",
+    "TransactionStateError",
 ]
 
 # SQLSTATE raised by the append-only triggers (class 55, "object not in
@@ -93,6 +95,15 @@ class SubscriptionStateError(EventLogError):
     """A subscription method was called in a state that does not allow it."""
 
 
+class TransactionStateError(EventLogError):
+    """Events were published on a connection whose transaction cannot take them.
+
+    For example a connection with no transaction in progress, or one already in a
+    transaction that eventlog did not open, so eventlog cannot write the events
+    right before its COMMIT.
+    """
+
+
 class DatabaseError(EventLogError):
     """A database operation failed; `sqlstate` holds the server's code if any."""
 
@@ -126,7 +137,8 @@ def translate(exc: psycopg.Error, schema: str) -> EventLogError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
     if sqlstate == APPEND_ONLY_SQLSTATE:
-        return AppendOnlyViolation(text, sqlstate)
+        hint = getattr(getattr(exc, "diag", None), "message_hint", None)
+        return AppendOnlyViolation(f"{text}. {hint}" if hint else text, sqlstate)
     if isinstance(exc, _MISSING_OBJECT_CLASSES):
         return SchemaNotFound(
             f"event log schema {schema!r} is missing or incomplete ({text}); "

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import reprlib
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from . import _listener
+from . import _listener, pg
 from ._encoding import validate_topics, validate_type
 from ._models import Event, NewEvent
 from ._settings import Settings
@@ -27,6 +29,7 @@ from ._sql import (
     EventFilter,
     encode_event,
     event_from_row,
+    load_jsonb,
     publish_batch_params,
     publish_params,
     select_events,
@@ -34,7 +37,8 @@ from ._sql import (
     stored_events,
 )
 from ._subscription import AsyncSubscription, ReadBatch, Subscription
-from .errors import ConnectionFailed, EventLogError, translate
+from .errors import ConnectionFailed, EventLogError, InvalidEvent, translate
+from .pg import AsyncTransaction, Transaction
 
 __all__ = ["AsyncEventLog", "AsyncTransaction", "EventLog", "Transaction"]
 
@@ -46,13 +50,32 @@ EventLike = NewEvent | tuple[Any, ...] | dict[str, Any]
 def _as_new_event(item: EventLike) -> NewEvent:
     if isinstance(item, NewEvent):
         return item
-    if isinstance(item, dict):
-        return NewEvent(**item)
-    if isinstance(item, tuple):
-        return NewEvent(*item)
-    raise TypeError(
-        f"invalid event {item!r}: expected NewEvent, a (topics, type, data) tuple or a dict"
-    )
+    expected = "expected NewEvent, a (topics, type, data) tuple or a dict with those keys"
+    try:
+        if isinstance(item, dict):
+            return NewEvent(**item)
+        if isinstance(item, tuple):
+            return NewEvent(*item)
+    except TypeError as exc:  # unknown keys, or a tuple of the wrong length
+        raise InvalidEvent(f"invalid event {reprlib.repr(item)}: {exc}; {expected}") from None
+    raise InvalidEvent(f"invalid event {reprlib.repr(item)}: {expected}")
+
+
+# prepare_threshold=None: psycopg would otherwise prepare a read run five times on
+# one connection, and PostgreSQL may then switch it to a generic plan that does not
+# know how rare the topic is and scans the primary key through the whole log
+# (tests/test_replay.py::test_plan_after_many_reads). Unprepared statements are
+# always planned for their parameters, and they also work through PgBouncer.
+_POOL_CONNECTION_OPTIONS = {"autocommit": True, "application_name": "eventlog", "prepare_threshold": None}
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    # A faster jsonb loader than psycopg's default; replay decodes two per event.
+    set_json_loads(load_jsonb, conn)
+
+
+async def _configure_async(conn: psycopg.AsyncConnection) -> None:
+    set_json_loads(load_jsonb, conn)
 
 
 def _topics_filter(topics: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -134,40 +157,6 @@ class _LogBase:
         return self._listener_ref
 
 
-class Transaction:
-    """A database transaction whose published events are written at commit.
-
-    `connection` is the psycopg connection of the transaction: run the
-    application's own statements on it. Events passed to `publish` are buffered
-    and written as the last statement before COMMIT, so the ordering lock is held
-    only for the commit itself. After the block, `events` holds the stored events.
-    """
-
-    def __init__(self, log: _LogBase, connection: Any) -> None:
-        self._log = log
-        self.connection = connection
-        self._pending: list[EncodedEvent] = []
-        self.events: list[Event] = []
-
-    def publish(
-        self,
-        topics: str | Iterable[str],
-        type: str,
-        data: Any = None,
-        *,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        """Buffer an event; it is validated now and written at commit."""
-        self._pending.append(self._log._encode_one(topics, type, data, metadata))
-
-    def publish_many(self, events: Iterable[EventLike]) -> None:
-        self._pending.extend(self._log._encode(events))
-
-
-class AsyncTransaction(Transaction):
-    """The async twin of `Transaction`; `connection` is a psycopg `AsyncConnection`."""
-
-
 class EventLog(_LogBase):
     """A log, used from threads.
 
@@ -188,7 +177,8 @@ class EventLog(_LogBase):
             self._conninfo,
             min_size=self.settings.pool_min_size,
             max_size=self.settings.pool_max_size,
-            kwargs={"autocommit": True, "application_name": "eventlog"},
+            kwargs=_POOL_CONNECTION_OPTIONS,
+            configure=_configure,
             timeout=self.settings.connect_timeout,
             open=False,
             name=f"eventlog-{self.schema}",
@@ -255,12 +245,20 @@ class EventLog(_LogBase):
         return stored_events(encoded, rows)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """Open a transaction; events published in it are written at commit."""
-        with self.connection() as conn, conn.transaction():
-            tx = Transaction(self, conn)
+    def transaction(self, connection: psycopg.Connection | None = None) -> Iterator[Transaction]:
+        """Open a transaction; events published in it are written right before COMMIT.
+
+        It runs on `connection` if given (a connection the application owns, not
+        in a transaction yet; see `eventlog.pg.transaction`), else on a
+        connection from the log's pool.
+        """
+        schema, limit = self.schema, self.settings.max_data_bytes
+        if connection is not None:
+            with pg.transaction(connection, schema=schema, max_data_bytes=limit) as tx:
+                yield tx
+            return
+        with self.connection() as conn, pg.transaction(conn, schema=schema, max_data_bytes=limit) as tx:
             yield tx
-            _flush_sync(self.schema, tx, conn)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -347,7 +345,8 @@ class AsyncEventLog(_LogBase):
                 self._conninfo,
                 min_size=self.settings.pool_min_size,
                 max_size=self.settings.pool_max_size,
-                kwargs={"autocommit": True, "application_name": "eventlog"},
+                kwargs=_POOL_CONNECTION_OPTIONS,
+                configure=_configure_async,
                 timeout=self.settings.connect_timeout,
                 open=False,
                 name=f"eventlog-async-{self.schema}",
@@ -406,12 +405,21 @@ class AsyncEventLog(_LogBase):
         return stored_events(encoded, rows)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
-        """Open a transaction; events published in it are written at commit."""
-        async with self.connection() as conn, conn.transaction():
-            tx = AsyncTransaction(self, conn)
+    async def transaction(
+        self, connection: psycopg.AsyncConnection | None = None
+    ) -> AsyncIterator[AsyncTransaction]:
+        """Open a transaction; events published in it are written right before COMMIT.
+
+        It runs on `connection` if given (see `EventLog.transaction`), else on a
+        connection from the log's pool.
+        """
+        schema, limit = self.schema, self.settings.max_data_bytes
+        if connection is not None:
+            async with pg.transaction(connection, schema=schema, max_data_bytes=limit) as tx:
+                yield tx
+            return
+        async with self.connection() as conn, pg.transaction(conn, schema=schema, max_data_bytes=limit) as tx:
             yield tx
-            await _flush_async(self.schema, tx, conn)
 
     async def head(self) -> int:
         """Return the id of the newest committed event, 0 for an empty log."""
@@ -483,19 +491,3 @@ def _after(where: EventFilter, cursor: int) -> EventFilter:
         since=where.since,
         until=where.until,
     )
-
-
-def _flush_sync(schema: str, tx: Transaction, conn: psycopg.Connection) -> None:
-    if not tx._pending:
-        return
-    rows = conn.execute(statements(schema).publish_batch, publish_batch_params(tx._pending)).fetchall()
-    tx.events = stored_events(tx._pending, rows)
-    tx._pending = []
-
-
-async def _flush_async(schema: str, tx: Transaction, conn: psycopg.AsyncConnection) -> None:
-    if not tx._pending:
-        return
-    cur = await conn.execute(statements(schema).publish_batch, publish_batch_params(tx._pending))
-    tx.events = stored_events(tx._pending, await cur.fetchall())
-    tx._pending = []

@@ -62,6 +62,7 @@ def build_metadata(schema: str = "eventlog") -> MetaData:
         # Time-range queries by auditors. Rows are appended in time order, so a
         # BRIN index stays tiny and costs publishing almost nothing.
         Index("events_occurred_at_idx", "occurred_at", postgresql_using="brin"),
+        comment="eventlog: append-only event log",
     )
     return metadata
 

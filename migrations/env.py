@@ -10,13 +10,13 @@ default ``eventlog``. The database comes from ``config.attributes["connection"]`
 from __future__ import annotations
 
 import logging
-import zlib
 
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Connection
 
 from eventlog._settings import Settings, sqlalchemy_url
+from eventlog.migrate import migration_lock_key
 from eventlog.schema import VERSION_TABLE, build_metadata
 
 logger = logging.getLogger("eventlog.migrations")
@@ -51,11 +51,12 @@ OPTIONS = dict(
 
 
 def _run_online(connection: Connection) -> None:
-    connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
     # Two processes migrating the same log at once would race on CREATE
-    # statements; the second waits here and then finds nothing left to do.
-    lock_key = zlib.crc32(f"eventlog-migrate:{SCHEMA}".encode()) & 0x7FFFFFFF
-    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+    # statements; the second waits here and then finds nothing left to do. The
+    # lock comes first: CREATE SCHEMA IF NOT EXISTS is no exception, the second
+    # of two concurrent ones fails with a unique violation.
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": migration_lock_key(SCHEMA)})
+    connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
     context.configure(connection=connection, **OPTIONS)
     with context.begin_transaction():
         context.run_migrations()

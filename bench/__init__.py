@@ -1,0 +1,1 @@
+"""Benchmarks of eventlog beside raw psycopg baselines; run with ``python -m bench``."""
