@@ -239,7 +239,7 @@ class Subscription(_SubscriptionBase):
         with self._lock:
             if self._core.state is not SubscriptionState.INITIAL:
                 self._core.require(SubscriptionState.INITIAL)
-            self._listener = self._log._listener()
+            self._listener = self._log._listener(self)
             try:
                 self._listen(self._core.topics)
                 self._core.start(self._log.head() if self._core.cursor is None else 0)
@@ -267,7 +267,7 @@ class Subscription(_SubscriptionBase):
             self._core.close()
             if self._listener is not None:
                 self._listener.remove(self._bell, self._channels(self._core.topics))
-                self._log._release_listener()
+                self._log._release_listener(self)
                 self._listener = None
         self._bell.event.set()  # wake a thread blocked in next_event
 
@@ -387,7 +387,7 @@ class AsyncSubscription(_SubscriptionBase):
     async def open(self) -> AsyncSubscription:
         self._core.require(SubscriptionState.INITIAL)
         self._bell = _LoopDoorbell(self._core, asyncio.get_running_loop())
-        self._listener = self._log._listener()
+        self._listener = self._log._listener(self)
         try:
             await self._listen(self._core.topics)
             self._core.start(await self._log.head() if self._core.cursor is None else 0)
@@ -422,7 +422,7 @@ class AsyncSubscription(_SubscriptionBase):
         self._core.close()
         if self._listener is not None and self._bell is not None:
             self._listener.remove(self._bell, self._channels(self._core.topics))
-            self._log._release_listener()
+            self._log._release_listener(self)
             self._listener = None
         if self._bell is not None:
             self._bell.event.set()

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import reprlib
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -66,7 +67,17 @@ def _as_new_event(item: EventLike) -> NewEvent:
 # know how rare the topic is and scans the primary key through the whole log
 # (tests/test_replay.py::test_plan_after_many_reads). Unprepared statements are
 # always planned for their parameters, and they also work through PgBouncer.
-_POOL_CONNECTION_OPTIONS = {"autocommit": True, "application_name": "eventlog", "prepare_threshold": None}
+_POOL_CONNECTION_OPTIONS = {
+    "autocommit": True,
+    "application_name": "eventlog",
+    "prepare_threshold": None,
+    # TCP keepalives, so that a read on a pooled connection whose peer vanished
+    # (a half-open connection) fails within about a minute instead of hanging.
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -109,6 +120,9 @@ class _LogBase:
         self._listener_lock = threading.Lock()
         self._listener_ref: _listener.Listener | None = None
         self._listener_users = 0
+        # Subscriptions holding the listener, so that closing the log closes them
+        # and no LISTEN connection outlives it.
+        self._open_subscriptions: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def schema(self) -> str:
@@ -136,15 +150,17 @@ class _LogBase:
             "and the URL is right"
         )
 
-    def _listener(self) -> _listener.Listener:
+    def _listener(self, subscription: Any) -> _listener.Listener:
         with self._listener_lock:
             if self._listener_ref is None:
                 self._listener_ref = _listener.acquire(self._conninfo, self.settings)
             self._listener_users += 1
+            self._open_subscriptions.add(subscription)
             return self._listener_ref
 
-    def _release_listener(self) -> None:
+    def _release_listener(self, subscription: Any) -> None:
         with self._listener_lock:
+            self._open_subscriptions.discard(subscription)
             self._listener_users -= 1
             if self._listener_users > 0 or self._listener_ref is None:
                 return
@@ -194,6 +210,9 @@ class EventLog(_LogBase):
         return self
 
     def close(self) -> None:
+        """Close every open subscription of this log, then its connection pool."""
+        for subscription in list(self._open_subscriptions):
+            subscription.close()
         if self._opened:
             self._pool.close()
             self._opened = False
@@ -355,6 +374,9 @@ class AsyncEventLog(_LogBase):
         return self
 
     async def close(self) -> None:
+        """Close every open subscription of this log, then its connection pool."""
+        for subscription in list(self._open_subscriptions):
+            await subscription.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
