@@ -91,16 +91,11 @@ def _method(conn: psycopg.Connection, schema: str, count: int, after: int) -> st
 
 
 def _preparing_note(threshold: int | None) -> str:
-    if threshold is None:
-        return (
-            "The library's connections have `prepare_threshold = None`, so they never prepare "
-            "statements. PostgreSQL plans every read for its parameters (the custom plan), and "
-            "the generic plan above cannot occur. The generic plan is not a check for that reason."
-        )
     return (
-        f"The library's connections have `prepare_threshold = {threshold}`, so a read run that "
-        "often on one connection becomes a prepared statement, and the generic plan must use "
-        "the topics index too."
+        "The library runs its reads with `prepare=False`, so PostgreSQL plans every read for "
+        "its parameters (the custom plan), whatever the connection's `prepare_threshold` "
+        f"(here {threshold}); the generic plan above cannot occur, and it is not a check for "
+        "that reason."
     )
 
 

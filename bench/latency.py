@@ -59,7 +59,7 @@ def run(database_url: str, rate: float, count: int, rounds: int) -> Section:
         method=(
             f"A publisher thread publishes {count:,} events at {rate:g} events/s (paced by the "
             "clock, one event per transaction) while a subscriber thread in the same process "
-            "receives them; the latency of an event runs from just before the publish call to "
+            "receives them. The latency of an event runs from just before the publish call to "
             "the moment the subscriber holds it. The library publishes with "
             "`EventLog.publish` and receives by iterating a live `Subscription`: the listener "
             "thread gets the NOTIFY, rings the subscription, which reads the event from its "

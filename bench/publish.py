@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from contextlib import ExitStack
 
@@ -57,9 +58,9 @@ def run(
             "ins`. That is one statement, one round trip and one transaction without a lock, like "
             "the library's call of `publish_v1`, with the same data encoded by `json.dumps`. So "
             "the ratio measures everything the library adds: validation and encoding, the pool, "
-            "the function call, the advisory lock and the returned `Event`. The library's "
-            "connections never prepare statements (`prepare_threshold=None`), while the raw "
-            "connections keep psycopg's default of preparing from the 5th execution. Each event "
+            "the function call, the advisory lock and the returned `Event`. The library prepares "
+            "its publish statement on first use; the raw connections keep psycopg's default of "
+            "preparing from the 5th execution. Each event "
             f"has one topic ({PRODUCT_TOPIC!r}) and about 100 bytes of data. No one listens."
         ),
     )
@@ -85,6 +86,7 @@ def run(
         drop_schema(database_url, library_schema)
         drop_schema(database_url, raw_schema)
 
+    section.tables.append(overhead_table(database_url, rounds))
     section.tables.append(lock_comparison(database_url, concurrency, lock_duration, rounds))
     section.notes.append(
         "Why the lock should cost little: a transaction that sends NOTIFY takes a cluster-wide "
@@ -92,11 +94,76 @@ def run(
         "(`PreCommit_Notify` in PostgreSQL's src/backend/commands/async.c). "
         "So publishing commits already run one at a time. The advisory lock queues them a "
         "little earlier, before the insert. In the table above, \"lock / no lock\" is the "
-        "median of the rounds' ratios: below 1 means the lock costs throughput. The variant "
-        "without NOTIFY shows what the commits reach when nothing serializes them and the "
-        "server can flush many in one group commit."
+        "median of the rounds' ratios: below 1 means the lock costs throughput. With one "
+        "publisher the lock is never contended, so the spread of that row shows the noise of "
+        "the machine. The variant without NOTIFY shows what the commits reach when nothing "
+        "serializes them and the server can flush many in one group commit."
     )
     return section
+
+
+# -- what the library adds per call ------------------------------------------------------
+
+OVERHEAD_EVENTS = 500
+
+
+def overhead_table(database_url: str, rounds: int) -> Table:
+    """Time one publisher's calls with commits that do not wait for the WAL flush.
+
+    With synchronous_commit off, a call costs only the client, the round trip and
+    the server's work, so what the library adds shows without the disk's noise.
+    """
+    url = _with_option(database_url, "-c synchronous_commit=off")
+    schema = new_schema(database_url, "bench_overhead")
+    try:
+        with ExitStack() as stack:
+            log = stack.enter_context(EventLog(url, schema=schema, pool_min_size=1, pool_max_size=1))
+            prepared = stack.enter_context(psycopg.connect(url, autocommit=True))
+            unprepared = stack.enter_context(psycopg.connect(url, autocommit=True, prepare_threshold=None))
+            statement = raw_publish_statement(schema)
+            function = _function_statement(schema, "publish_v1")
+            channel = channel_for(PRODUCT_TOPIC, schema)
+
+            def raw_calls(conn: psycopg.Connection, query: sql.Composed, notify: bool) -> Callable[[], float]:
+                def calls() -> float:
+                    started = time.perf_counter()
+                    for number in range(OVERHEAD_EVENTS):
+                        params = [[PRODUCT_TOPIC], EVENT_TYPE, encode_json(product_data(number)), encode_json(product_metadata(number))]
+                        conn.execute(query, params + [channel] if notify else params).fetchone()
+                    return (time.perf_counter() - started) / OVERHEAD_EVENTS * 1e6
+
+                return calls
+
+            def library_calls() -> float:
+                started = time.perf_counter()
+                for number in range(OVERHEAD_EVENTS):
+                    log.publish(PRODUCT_TOPIC, EVENT_TYPE, product_data(number), metadata=product_metadata(number))
+                return (time.perf_counter() - started) / OVERHEAD_EVENTS * 1e6
+
+            runs = {
+                "raw insert-and-NOTIFY statement, prepared (the raw baseline)": raw_calls(prepared, statement, True),
+                "raw insert-and-NOTIFY statement, not prepared": raw_calls(unprepared, statement, True),
+                "raw call of publish_v1, not prepared": raw_calls(unprepared, function, False),
+                "`EventLog.publish`": library_calls,
+            }
+            for run in runs.values():
+                run()  # warm up: prepared statements, caches
+            micros = interleave(rounds, runs)
+    finally:
+        drop_schema(database_url, schema)
+    return Table(
+        "Time per publish with one publisher when commits do not wait for the WAL flush "
+        f"(synchronous_commit = off for this table only; µs, median of {plural(rounds, 'run')} "
+        f"of {OVERHEAD_EVENTS} events). It shows what each layer adds without the disk's noise",
+        ["call", "µs per publish"],
+        [[name, f"{median(values):.0f}"] for name, values in micros.items()],
+    )
+
+
+def _with_option(database_url: str, option: str) -> str:
+    """Return `database_url` with a server option added to its query string."""
+    separator = "&" if "?" in database_url else "?"
+    return f"{database_url}{separator}options={urllib.parse.quote(option)}"
 
 
 def _compare(
@@ -165,15 +232,17 @@ def lock_comparison(database_url: str, concurrency: list[int], duration: float, 
             f"What the advisory lock adds (events/s, median of {plural(rounds, 'run')} of {duration:g} s). "
             "The same raw psycopg client calls the library's SQL function and copies of it in a "
             "scratch schema",
-            ["publishers", *variants, "lock / no lock"],
+            ["publishers", *variants, "lock / no lock (min-max)"],
             [],
         )
         with_lock, without_lock = list(variants)[:2]
         for threads in concurrency:
             rates = _time_variants(database_url, schema, variants, threads, duration, rounds)
-            lock_ratio = median(paired(rates[with_lock], rates[without_lock]))
+            ratios = paired(rates[with_lock], rates[without_lock])
             table.rows.append(
-                [str(threads)] + [f"{median(rates[name]):,.0f}" for name in variants] + [f"{lock_ratio:.2f}"]
+                [str(threads)]
+                + [f"{median(rates[name]):,.0f}" for name in variants]
+                + [f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
             )
         return table
     finally:
@@ -224,12 +293,16 @@ def _time_variants(
         return interleave(rounds, _timed_runs(threads, duration, works))
 
 
+def _function_statement(schema: str, function: str) -> sql.Composed:
+    return sql.SQL("SELECT id, occurred_at FROM {}.{}(%s::text[], %s, %s::jsonb, %s::jsonb)").format(
+        sql.Identifier(schema), sql.Identifier(function)
+    )
+
+
 def _function_work(
     connections: list[psycopg.Connection], schema: str, function: str
 ) -> Callable[[int, float], int]:
-    statement = sql.SQL(
-        "SELECT id, occurred_at FROM {}.{}(%s::text[], %s, %s::jsonb, %s::jsonb)"
-    ).format(sql.Identifier(schema), sql.Identifier(function))
+    statement = _function_statement(schema, function)
 
     def work(index: int, deadline: float) -> int:
         conn = connections[index]

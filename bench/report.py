@@ -11,7 +11,7 @@ USAGE = """\
 Run from the repository root, with the project's virtual environment:
 
 ```sh
-python -m bench                 # full run (about 8 minutes), writes docs/benchmarks.md
+python -m bench                 # full run, about 5 minutes; writes docs/benchmarks.md
 python -m bench --quick         # small sizes, under a minute; the ratios mean little
 python -m bench --database-url postgresql://user@127.0.0.1:5432/postgres
 ```

@@ -57,9 +57,9 @@ class Sizes:
 
 FULL = Sizes(
     concurrency=[1, 4, 16],
-    publish_seconds=1.5,
-    publish_rounds=6,
-    lock_seconds=0.75,
+    publish_seconds=1.0,
+    publish_rounds=10,
+    lock_seconds=0.5,
     batch_size=1000,
     batch_rounds=15,
     latency_rate=200,
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--replay-events", type=int, help="events in the replayed log (full: 1,000,000)")
     parser.add_argument("--index-events", type=int, help="events in the log of the index check (full: 10,000,000)")
-    parser.add_argument("--publish-seconds", type=float, help="length of one publish run, in seconds (full: 1.5)")
+    parser.add_argument("--publish-seconds", type=float, help="length of one publish run, in seconds (full: 1)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(BENCHMARKS))
     if unknown:

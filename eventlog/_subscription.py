@@ -345,6 +345,21 @@ class Subscription(_SubscriptionBase):
                 self._listener.remove(self._bell, self._channels(removed))
 
 
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until `event` is set (True) or `timeout` seconds have passed (False).
+
+    Not asyncio.wait_for(): before Python 3.12 it swallows a cancellation that
+    arrives just as the event is set, so a subscription of a web client that
+    went away could go on forever.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
 class _LoopDoorbell:
     __slots__ = ("event", "core", "loop", "_scheduled")
 
@@ -408,9 +423,7 @@ class AsyncSubscription(_SubscriptionBase):
                 pass
 
         self._listener.add(self._bell, self._channels(topics), on_ready)
-        try:
-            await asyncio.wait_for(ready.wait(), self._log.settings.connect_timeout)
-        except asyncio.TimeoutError:
+        if not await _wait_event(ready, self._log.settings.connect_timeout):
             logger.warning(
                 "LISTEN not confirmed within %.1f s; relying on polling until the listener reconnects",
                 self._log.settings.connect_timeout,
@@ -467,10 +480,7 @@ class AsyncSubscription(_SubscriptionBase):
             if isinstance(step, Wait):
                 if deadline is not None and now >= deadline:
                     return None
-                try:
-                    await asyncio.wait_for(self._bell.event.wait(), step.timeout)
-                except asyncio.TimeoutError:
-                    pass
+                await _wait_event(self._bell.event, step.timeout)
                 continue
 
             try:
@@ -482,10 +492,7 @@ class AsyncSubscription(_SubscriptionBase):
                 self._core.read_failed()
                 if deadline is not None and loop.time() + pause >= deadline:
                     return None
-                try:
-                    await asyncio.wait_for(self._bell.event.wait(), pause)
-                except asyncio.TimeoutError:
-                    pass
+                await _wait_event(self._bell.event, pause)
                 continue
             failures = 0
             self._core.accept(step, events)

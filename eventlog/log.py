@@ -62,15 +62,14 @@ def _as_new_event(item: EventLike) -> NewEvent:
     raise InvalidEvent(f"invalid event {reprlib.repr(item)}: {expected}")
 
 
-# prepare_threshold=None: psycopg would otherwise prepare a read run five times on
-# one connection, and PostgreSQL may then switch it to a generic plan that does not
-# know how rare the topic is and scans the primary key through the whole log
-# (tests/test_replay.py::test_plan_after_many_reads). Unprepared statements are
-# always planned for their parameters, and they also work through PgBouncer.
+# Reads run with prepare=False: a prepared read may switch to a generic plan that
+# does not know how rare a topic is and scans the primary key through the whole log
+# (tests/test_replay.py::test_plan_after_many_reads). Publishing has no such choice
+# to make, so its statements are prepared at once, which saves parsing and planning
+# on every call.
 _POOL_CONNECTION_OPTIONS = {
     "autocommit": True,
     "application_name": "eventlog",
-    "prepare_threshold": None,
     # TCP keepalives, so that a read on a pooled connection whose peer vanished
     # (a half-open connection) fails within about a minute instead of hanging.
     "keepalives": 1,
@@ -248,7 +247,7 @@ class EventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         with self.connection() as conn:
-            row = conn.execute(statements(self.schema).publish, publish_params(encoded)).fetchone()
+            row = conn.execute(statements(self.schema).publish, publish_params(encoded), prepare=True).fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
 
@@ -259,7 +258,7 @@ class EventLog(_LogBase):
             return []
         with self.connection() as conn:
             rows = conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(encoded)
+                statements(self.schema).publish_batch, publish_batch_params(encoded), prepare=True
             ).fetchall()
         return stored_events(encoded, rows)
 
@@ -295,7 +294,7 @@ class EventLog(_LogBase):
         page = limit or self.settings.batch_size
         query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
         with self.connection() as conn:
-            return [event_from_row(r) for r in conn.execute(query, params).fetchall()]
+            return [event_from_row(r) for r in conn.execute(query, params, prepare=False).fetchall()]
 
     def replay(
         self,
@@ -322,7 +321,7 @@ class EventLog(_LogBase):
         while True:
             query, params = select_events(self.schema, _after(where, cursor), page)
             with self.connection() as conn:
-                rows = conn.execute(query, params).fetchall()
+                rows = conn.execute(query, params, prepare=False).fetchall()
             for row in rows:
                 yield event_from_row(row)
             if len(rows) < page:
@@ -340,7 +339,7 @@ class EventLog(_LogBase):
     def _read_batch(self, read: ReadBatch) -> list[Event]:
         query, params = select_events(self.schema, EventFilter(read.topics, after_id=read.after), read.limit)
         with self.connection() as conn:
-            return [event_from_row(r) for r in conn.execute(query, params).fetchall()]
+            return [event_from_row(r) for r in conn.execute(query, params, prepare=False).fetchall()]
 
 
 class AsyncEventLog(_LogBase):
@@ -411,7 +410,7 @@ class AsyncEventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         async with self.connection() as conn:
-            cur = await conn.execute(statements(self.schema).publish, publish_params(encoded))
+            cur = await conn.execute(statements(self.schema).publish, publish_params(encoded), prepare=True)
             row = await cur.fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
@@ -422,7 +421,9 @@ class AsyncEventLog(_LogBase):
         if not encoded:
             return []
         async with self.connection() as conn:
-            cur = await conn.execute(statements(self.schema).publish_batch, publish_batch_params(encoded))
+            cur = await conn.execute(
+                statements(self.schema).publish_batch, publish_batch_params(encoded), prepare=True
+            )
             rows = await cur.fetchall()
         return stored_events(encoded, rows)
 
@@ -458,7 +459,7 @@ class AsyncEventLog(_LogBase):
         page = limit or self.settings.batch_size
         query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
         async with self.connection() as conn:
-            cur = await conn.execute(query, params)
+            cur = await conn.execute(query, params, prepare=False)
             return [event_from_row(r) for r in await cur.fetchall()]
 
     async def replay(
@@ -481,7 +482,7 @@ class AsyncEventLog(_LogBase):
         while True:
             query, params = select_events(self.schema, _after(where, cursor), page)
             async with self.connection() as conn:
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(query, params, prepare=False)
                 rows = await cur.fetchall()
             for row in rows:
                 yield event_from_row(row)
@@ -500,7 +501,7 @@ class AsyncEventLog(_LogBase):
     async def _read_batch(self, read: ReadBatch) -> list[Event]:
         query, params = select_events(self.schema, EventFilter(read.topics, after_id=read.after), read.limit)
         async with self.connection() as conn:
-            cur = await conn.execute(query, params)
+            cur = await conn.execute(query, params, prepare=False)
             return [event_from_row(r) for r in await cur.fetchall()]
 
 

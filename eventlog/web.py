@@ -125,6 +125,7 @@ MAX_EVENT_ID = 2**63 - 1  # the id column is a bigint
 
 # Events sent in one write while catching up; bounds the memory of one chunk.
 CHUNK_BYTES = 64 * 1024
+CANCEL_RETRY = 0.5  # seconds between cancellations of a stream whose client left
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -241,9 +242,13 @@ class EventStream:
         self.retry_ms = None if retry is None else round(retry * 1000)
         self._authorize = authorize
         self._serialize = serialize
-        self._subscriptions: set[AsyncSubscription] = set()
+        self._streams: set[_Stream] = set()
         self._closing = False
-        self.active = 0  # streams open now, for metrics and tests
+
+    @property
+    def active(self) -> int:
+        """The number of streams open now."""
+        return len(self._streams)
 
     def __repr__(self) -> str:
         return f"<EventStream {self.log!r} active={self.active}>"
@@ -256,8 +261,8 @@ class EventStream:
         Browsers reconnect after the retry delay, to the next server.
         """
         self._closing = True
-        for subscription in list(self._subscriptions):
-            await subscription.close()
+        for stream in list(self._streams):
+            await stream.end()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -268,11 +273,12 @@ class EventStream:
             await _send_error(send, refusal)
             return
 
-        self.active += 1
+        stream = _Stream(topics, after)
+        self._streams.add(stream)
         try:
-            await _until_disconnect(receive, self._stream(send, topics, after))
+            await _until_disconnect(receive, self._respond(send, stream), stream)
         finally:
-            self.active -= 1
+            self._streams.discard(stream)
 
     # -- before the response starts: everything that can answer with an error
 
@@ -330,7 +336,7 @@ class EventStream:
 
     # -- the stream
 
-    async def _stream(self, send: Callable, topics: tuple[str, ...], after: int | None) -> None:
+    async def _respond(self, send: Callable, stream: _Stream) -> None:
         await send({
             "type": "http.response.start",
             "status": 200,
@@ -343,34 +349,34 @@ class EventStream:
         })
         if self.retry_ms is not None:
             await _send_body(send, format_message(retry=self.retry_ms))
-        await self._subscribe(send, topics, after)
+        await self._subscribe(send, stream)
         # Ending the response cleanly makes the browser reconnect after the retry
         # delay; an error status would make EventSource give up for good.
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _subscribe(self, send: Callable, topics: tuple[str, ...], after: int | None) -> None:
-        if self._closing:
+    async def _subscribe(self, send: Callable, stream: _Stream) -> None:
+        topics = ", ".join(stream.topics)
+        if self._closing or stream.ended:
             return
         try:
-            start = await self._start(after)
+            start = await self._start(stream.after)
         except EventLogError as exc:
-            logger.warning("event stream of %s could not start: %s", ", ".join(topics), exc)
+            logger.warning("event stream of %s could not start: %s", topics, exc)
             return
-        if start != after:
+        if start != stream.after:
             await _send_body(send, format_message(id=start))
 
-        subscription = self.log.subscribe(topics, after=start)
-        self._subscriptions.add(subscription)
+        subscription = stream.subscription = self.log.subscribe(stream.topics, after=start)
         try:
             # Not `async with`: a disconnect may cancel us inside open(), after it
             # registered with the listener, and close() must still run then.
             await subscription.open()
-            logger.debug("event stream of %s open after id %d", ", ".join(topics), start)
-            await self._follow(send, subscription)
+            logger.debug("event stream of %s open after id %d", topics, start)
+            await self._follow(send, stream, subscription)
         except EventLogError as exc:
-            logger.warning("event stream of %s ended: %s", ", ".join(topics), exc)
+            if not stream.ended:  # else a disconnect closed the subscription while it opened
+                logger.warning("event stream of %s ended: %s", topics, exc)
         finally:
-            self._subscriptions.discard(subscription)
             await subscription.close()
 
     async def _start(self, after: int | None) -> int:
@@ -386,12 +392,12 @@ class EventStream:
             return head
         return after
 
-    async def _follow(self, send: Callable, subscription: AsyncSubscription) -> None:
-        while not self._closing:
+    async def _follow(self, send: Callable, stream: _Stream, subscription: AsyncSubscription) -> None:
+        while not stream.ended:
             event = await subscription.next_event(timeout=self.heartbeat)
             if event is None:
                 if subscription.state is SubscriptionState.CLOSED:
-                    return  # closed by close()
+                    return  # ended by close() or a disconnect
                 await _send_body(send, format_comment("heartbeat"))
                 continue
 
@@ -429,23 +435,47 @@ async def _send_error(send: Callable, refusal: _Refused) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _until_disconnect(receive: Callable, stream: Awaitable[None]) -> None:
-    """Run `stream` until it ends or the client disconnects, whichever comes first.
+class _Stream:
+    """One client's stream: what it follows, its subscription once open, whether it must end."""
+
+    __slots__ = ("topics", "after", "subscription", "ended")
+
+    def __init__(self, topics: tuple[str, ...], after: int | None) -> None:
+        self.topics = topics
+        self.after = after
+        self.subscription: AsyncSubscription | None = None
+        self.ended = False
+
+    async def end(self) -> None:
+        """Make the stream finish: its subscription's next_event returns None at once."""
+        self.ended = True
+        if self.subscription is not None:
+            await self.subscription.close()
+
+
+async def _until_disconnect(receive: Callable, respond: Awaitable[None], stream: _Stream) -> None:
+    """Run `respond` until it finishes or the client disconnects, whichever comes first.
 
     Servers drop writes to a closed connection without an error, so only the
     ``http.disconnect`` message tells that the client went away.
     """
-    streaming = asyncio.ensure_future(stream)
+    responding = asyncio.ensure_future(respond)
     watching = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
-        await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({responding, watching}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (streaming, watching):
-            task.cancel()
-        results = await asyncio.gather(streaming, watching, return_exceptions=True)
-    error = results[0]
-    if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
-        raise error
+        watching.cancel()
+        # A cancellation alone is not enough: code that awaits through
+        # asyncio.wait_for() before Python 3.12 can swallow it. Ending the
+        # stream closes its subscription, and the cancellation is repeated
+        # until the task is really gone.
+        await stream.end()
+        while not responding.done():
+            responding.cancel()
+            await asyncio.wait({responding}, timeout=CANCEL_RETRY)
+        await asyncio.gather(watching, return_exceptions=True)
+    if not responding.cancelled() and responding.exception() is not None:
+        raise responding.exception()  # type: ignore[misc]
 
 
 async def _wait_for_disconnect(receive: Callable) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -287,6 +288,18 @@ async def test_async_authorize_picks_topics(alog, serve, client):
     assert seen == [(), ()]
 
 
+async def test_fastapi_route(alog, serve, client):
+    fastapi = pytest.importorskip("fastapi")
+    app = fastapi.FastAPI()
+    app.add_route("/events", EventStream(alog, authorize=shopper_42))
+    url = await serve(app) + "/events"
+    assert (await client.get(url, params={"topic": CART_7})).status_code == 403
+    published = await alog.publish(CART_42, "item_added", {"n": 1})
+    async with Connection(client, url, {"topic": CART_42, "last_event_id": 0}) as sse:
+        [message] = await sse.events(1)
+    assert message.id == str(published.id)
+
+
 async def test_authorize_empty_forbidden(alog, serve, client):
     url = await serve(EventStream(alog, authorize=lambda request, topics: []))
     response = await client.get(url, params={"topic": PRODUCTS})
@@ -327,13 +340,29 @@ async def test_disconnect_closes_subscription(alog, stream_app, client, admin):
 
 async def test_many_disconnects_leak_nothing(alog, stream_app, client):
     stream, url = stream_app
-    for n in range(10):
+    # Some clients leave while their subscription opens: the race that once
+    # left streams running (a cancellation swallowed by asyncio.wait_for).
+    for n in range(30):
         async with client.stream("GET", url, params={"topic": CART_42}) as response:
             assert response.status_code == 200
             if n % 2:
                 await SSEStream(response).next()  # some close at once, some after the hint
     await wait_until(lambda: stream.active == 0, what="every stream to end")
     await wait_until(lambda: alog.listener is None, what="the listener to be released")
+
+
+async def test_wait_keeps_cancellation():
+    """A subscription's wait must not swallow a cancellation that meets its doorbell."""
+    from eventlog._subscription import _wait_event
+
+    bell = asyncio.Event()
+    waiting = asyncio.create_task(_wait_event(bell, 30.0))
+    await asyncio.sleep(0)  # one turn of the loop: the task now waits on the bell
+    bell.set()
+    await asyncio.sleep(0)  # the bell's waiter finishes; the wait has not resumed yet
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 async def test_stream_survives_backend_loss(alog, stream_app, client, admin):
