@@ -49,6 +49,8 @@ def render(info: RunInfo, machine: Table, server: Table, sections: Sequence[Sect
         f"{info.started} ({info.mode} run, {info.minutes:.1f} min). This file is written by "
         "the benchmark: rerun it rather than editing the figures.\n",
         USAGE,
+        "Server-Sent Events under load (1,050 streams on one server process) are measured "
+        "by `python -m bench.sse_load` and recorded in [benchmarks-sse.md](benchmarks-sse.md).\n",
         "## Summary\n",
         _summary(sections),
         "## This run\n",

@@ -345,7 +345,7 @@ class Subscription(_SubscriptionBase):
                 self._listener.remove(self._bell, self._channels(removed))
 
 
-async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     """Wait until `event` is set (True) or `timeout` seconds have passed (False).
 
     Not asyncio.wait_for(): before Python 3.12 it swallows a cancellation that
@@ -423,7 +423,7 @@ class AsyncSubscription(_SubscriptionBase):
                 pass
 
         self._listener.add(self._bell, self._channels(topics), on_ready)
-        if not await _wait_event(ready, self._log.settings.connect_timeout):
+        if not await wait_event(ready, self._log.settings.connect_timeout):
             logger.warning(
                 "LISTEN not confirmed within %.1f s; relying on polling until the listener reconnects",
                 self._log.settings.connect_timeout,
@@ -480,7 +480,7 @@ class AsyncSubscription(_SubscriptionBase):
             if isinstance(step, Wait):
                 if deadline is not None and now >= deadline:
                     return None
-                await _wait_event(self._bell.event, step.timeout)
+                await wait_event(self._bell.event, step.timeout)
                 continue
 
             try:
@@ -492,7 +492,7 @@ class AsyncSubscription(_SubscriptionBase):
                 self._core.read_failed()
                 if deadline is not None and loop.time() + pause >= deadline:
                     return None
-                await _wait_event(self._bell.event, pause)
+                await wait_event(self._bell.event, pause)
                 continue
             failures = 0
             self._core.accept(step, events)

@@ -8,16 +8,16 @@ nothing fetched from elsewhere):
 
 Every change is a shop event published to the log (`AsyncShop`); no page
 applies its own change. Each page follows its topics through one `EventSource`
-on ``/events`` (`eventlog.web.EventStream`) and applies the events it
-receives, so two tabs of one shopper show the same cart within the delivery
-latency, and a tab that lost its connection catches up from its last event id.
+on ``/events`` (`eventlog.web.EventStream`) and applies the events it receives.
+So two tabs of one shopper show the same cart within the delivery latency, and a
+tab that lost its connection catches up from its last event id.
 
 State
 -----
 The server keeps no state but the log. `ShopState` folds the events into the
 catalogue and the carts, reading from its cursor before every request, so a
 restarted server (or a second one) rebuilds the same shop, and events published
-by other processes count too. ``GET /api/state`` answers the shop as of one
+by other processes count too. ``GET /api/state`` returns the shop as of one
 event id, which the page passes as ``last_event_id`` when it opens its stream:
 the snapshot and the stream meet exactly.
 
@@ -32,7 +32,7 @@ a demo) adds a user cookie. A guest's cart is on ``shop:cart:session:{id}``;
 when the guest signs in, the cart gets the user id and its events reach
 ``shop:cart:user:{id}`` as well: the cart follows the shopper. The stream
 allows a request the catalogue topics and the carts of its own cookies, and
-answers 403 for anyone else's cart. The admin page is open to anyone.
+responds with 403 for anyone else's cart. The admin page is open to anyone.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class DemoInputError(ValueError):
-    """A request the shop cannot carry out; answered with 400 and the message."""
+    """A request that the shop cannot carry out; the API responds with 400 and the message."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class ShopState:
                 self.categories[key] = self.categories[key].model_copy(update=changes)
 
     def cart_of(self, shopper: Shopper) -> Cart | None:
-        """The shopper's cart: the user's once signed in, else the guest session's."""
+        """Return the shopper's cart: the user's once signed in, else the guest session's."""
         if shopper.user_id is not None:
             key = self._user_carts.get(shopper.user_id)
         else:
@@ -248,7 +248,7 @@ class ShopState:
             }
 
     def identity(self, shopper: Shopper) -> dict[str, Any]:
-        """What a page needs to know whether a view it stored still fits, and what to follow."""
+        """Return what a page needs to tell whether a view it stored still fits, and what to follow."""
         return {
             "log_id": self.log_id,
             "shopper": shopper.as_json(),
@@ -431,7 +431,7 @@ class ShopState:
 
         return await self.change(action)
 
-    # -- lookups that answer 400 ---------------------------------------------------------------
+    # -- lookups that raise DemoInputError ----------------------------------------------------
 
     def _product(self, product_id: Any) -> Product:
         product = self.products.get(str(product_id))
@@ -556,6 +556,10 @@ def create_app(log: AsyncEventLog, *, heartbeat: float = 15.0) -> Starlette:
             return await _dispatch(state, request, shopper, body)
         except (DemoInputError, EventLogError, ValueError) as exc:
             status = 503 if isinstance(exc, ConnectionFailed) else 400
+            logger.log(
+                logging.WARNING if status == 503 else logging.INFO,
+                "%s %s failed with %d: %s", request.method, request.url.path, status, exc,
+            )
             return JSONResponse({"error": str(exc)}, status_code=status)
 
     @contextlib.asynccontextmanager

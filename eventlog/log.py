@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import logging
 import reprlib
+import select
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -86,6 +87,35 @@ def _configure(conn: psycopg.Connection) -> None:
 
 async def _configure_async(conn: psycopg.AsyncConnection) -> None:
     set_json_loads(load_jsonb, conn)
+
+
+def _has_pending_input(conn: psycopg.Connection | psycopg.AsyncConnection) -> bool:
+    # An idle pooled connection has nothing to read. A readable socket means the
+    # server sent something unasked: almost always the FATAL message and EOF of a
+    # terminated backend or a restarted server.
+    if conn.closed or conn.broken:
+        return True
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return bool(readable)
+
+
+def _check(conn: psycopg.Connection) -> None:
+    """Reject a dead pooled connection before it is handed out.
+
+    Costs one poll of the socket; only a connection with unexpected input pays
+    for a round trip, which raises if it is dead, and the pool then discards it.
+    Without this, the first publish after a server restart would fail.
+    """
+    if _has_pending_input(conn):
+        ConnectionPool.check_connection(conn)
+
+
+async def _check_async(conn: psycopg.AsyncConnection) -> None:
+    if _has_pending_input(conn):
+        await AsyncConnectionPool.check_connection(conn)
 
 
 def _topics_filter(topics: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -194,6 +224,7 @@ class EventLog(_LogBase):
             max_size=self.settings.pool_max_size,
             kwargs=_POOL_CONNECTION_OPTIONS,
             configure=_configure,
+            check=_check,
             timeout=self.settings.connect_timeout,
             open=False,
             name=f"eventlog-{self.schema}",
@@ -365,6 +396,7 @@ class AsyncEventLog(_LogBase):
                 max_size=self.settings.pool_max_size,
                 kwargs=_POOL_CONNECTION_OPTIONS,
                 configure=_configure_async,
+                check=_check_async,
                 timeout=self.settings.connect_timeout,
                 open=False,
                 name=f"eventlog-async-{self.schema}",

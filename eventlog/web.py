@@ -20,11 +20,12 @@ The request
 -----------
 ``GET /events?topic=A&topic=B`` names the topics to follow (repeat ``topic``).
 The position to resume after comes from the ``Last-Event-ID`` header, which
-`EventSource` sends by itself when it reconnects, or else from the
-``last_event_id`` query parameter, which a page passes on its first connection
-(an id restored from local storage, or the id its server-rendered state was read
-at). The header wins: on reconnect, EventSource repeats the URL with its old query
-parameter and puts the newer id in the header. An empty value counts as absent.
+`EventSource` sends by itself when it reconnects. Failing that, it comes from the
+``last_event_id`` query parameter, which a page passes on its first connection:
+an id restored from local storage, or the id its server-rendered state was read
+at. The header wins, because on reconnect EventSource repeats the URL with its
+old query parameter and puts the newer id in the header. An empty value counts
+as absent.
 
 Without a position the stream starts at the head of the log: only events
 published from then on.
@@ -36,18 +37,18 @@ as Starlette runs sync endpoints. It receives the Starlette `Request` and the
 requested topics (a tuple, maybe empty) and returns:
 
 * ``True``: follow the requested topics;
-* ``False`` or ``None``: answer 403 (so a callback that forgets to return denies);
+* ``False`` or ``None``: respond with 403 (so a callback that forgets to return denies);
 * a collection of topics: follow exactly those. This narrows a request, or names
   the topics for a request that names none (``GET /events`` for "my cart").
-  An empty collection answers 403.
+  An empty collection gets 403.
 
 It may also raise Starlette's `HTTPException` (401 for a missing session, say),
-which is answered with its status and detail.
+whose status and detail become the response.
 
 The response
 ------------
 Errors are plain text: 400 for a malformed ``Last-Event-ID`` / ``last_event_id``
-or topic, 403 when `authorize` refuses, 405 for methods other than GET.
+or topic, 403 when `authorize` rejects the request, 405 for methods other than GET.
 Otherwise ``200 text/event-stream``, whose messages are:
 
 * ``retry: <ms>`` first: how long the browser waits before reconnecting;
@@ -141,8 +142,8 @@ class Authorize(Protocol):
     ) -> AuthorizeResult | Awaitable[AuthorizeResult]: ...
 
 
-class _Refused(Exception):
-    """The request is answered with an error status before any stream starts."""
+class _Rejected(Exception):
+    """A request rejected with an error status before any stream starts."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -269,8 +270,9 @@ class EventStream:
             raise TypeError(f"EventStream serves HTTP requests, not {scope['type']!r}")
         try:
             topics, after = await self._accept(Request(scope))
-        except _Refused as refusal:
-            await _send_error(send, refusal)
+        except _Rejected as rejection:
+            logger.info("event stream request rejected with %d: %s", rejection.status, rejection.message)
+            await _send_error(send, rejection)
             return
 
         stream = _Stream(topics, after)
@@ -280,16 +282,16 @@ class EventStream:
         finally:
             self._streams.discard(stream)
 
-    # -- before the response starts: everything that can answer with an error
+    # -- before the response starts: every check that can end in an error response
 
     async def _accept(self, request: Request) -> tuple[tuple[str, ...], int | None]:
         if request.method != "GET":
-            raise _Refused(405, f"method {request.method} not allowed: use GET", {"allow": "GET"})
+            raise _Rejected(405, f"method {request.method} not allowed: use GET", {"allow": "GET"})
         try:
             requested = validate_topics(request.query_params.getlist(TOPIC_PARAM)) \
                 if TOPIC_PARAM in request.query_params else ()
         except InvalidTopic as exc:
-            raise _Refused(400, str(exc)) from None
+            raise _Rejected(400, str(exc)) from None
         after = self._position(request)
         topics = await self._allowed(request, requested)
         return topics, after
@@ -303,7 +305,7 @@ class EventStream:
                     f"{LAST_EVENT_ID_PARAM} query parameter",
                 )
         except ValueError as exc:
-            raise _Refused(400, str(exc)) from None
+            raise _Rejected(400, str(exc)) from None
         return after
 
     async def _allowed(self, request: Request, requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -317,21 +319,21 @@ class EventStream:
                 if inspect.isawaitable(verdict):
                     verdict = await verdict
         except HTTPException as exc:
-            raise _Refused(exc.status_code, str(exc.detail), dict(exc.headers or {})) from None
+            raise _Rejected(exc.status_code, str(exc.detail), dict(exc.headers or {})) from None
 
         if verdict is True:
             if not requested:
-                raise _Refused(400, f"no topic given: name the topics to follow with ?{TOPIC_PARAM}=...")
+                raise _Rejected(400, f"no topic given: name the topics to follow with ?{TOPIC_PARAM}=...")
             return requested
         if verdict is False or verdict is None:
-            raise _Refused(403, f"not allowed to follow {', '.join(requested) or 'these topics'}")
+            raise _Rejected(403, f"not allowed to follow {', '.join(requested) or 'these topics'}")
         if isinstance(verdict, str) or not isinstance(verdict, Iterable):
             raise TypeError(
                 f"authorize returned {verdict!r}: expected True, False or a collection of topics"
             )
         allowed = tuple(verdict)
         if not allowed:
-            raise _Refused(403, f"not allowed to follow {', '.join(requested) or 'any topic'}")
+            raise _Rejected(403, f"not allowed to follow {', '.join(requested) or 'any topic'}")
         return validate_topics(allowed)
 
     # -- the stream
@@ -423,15 +425,15 @@ async def _send_body(send: Callable, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _send_error(send: Callable, refusal: _Refused) -> None:
-    body = (refusal.message + "\n").encode("utf-8")
+async def _send_error(send: Callable, rejection: _Rejected) -> None:
+    body = (rejection.message + "\n").encode("utf-8")
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers.items()]
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in rejection.headers.items()]
+    await send({"type": "http.response.start", "status": rejection.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -230,9 +230,9 @@ def demo_state(page: Any) -> dict:
 
 def click_action(page: Any, selector: str) -> None:
     """Click a control that posts an action, and wait until the server carried it out."""
-    with page.expect_response(lambda r: "/api/" in r.url and r.request.method == "POST") as answer:
+    with page.expect_response(lambda r: "/api/" in r.url and r.request.method == "POST") as posted:
         page.click(selector)
-    response = answer.value
+    response = posted.value
     assert response.ok, f"{response.url}: {response.status} {response.text()}"
 
 
@@ -437,7 +437,7 @@ def test_guest_signs_in_and_the_cart_follows(server, new_context):
     assert cart_topic(first) == user_cart_topic(user)
 
 
-def test_other_carts_are_refused(server, new_context):
+def test_other_carts_forbidden(server, new_context):
     page = open_page(new_context(), server.url)
     status = page.evaluate(
         "async (topic) => (await fetch('/events?topic=' + encodeURIComponent(topic))).status",

@@ -97,7 +97,8 @@ def test_format_rejects_event_with_line_break():
 def test_format_comment_cannot_break_out():
     [message] = parse(format_comment("ok\nid: 99\ndata: forged"))
     assert message.comments == ["ok", "id: 99", "data: forged"]
-    assert message.id is None and message.data is None
+    assert message.id is None
+    assert message.data is None
 
 
 def test_parse_last_event_id():
@@ -132,7 +133,9 @@ async def test_stream_framing(alog, stream_app, client):
         assert "no-cache" in response.headers["cache-control"]
         sse = SSEStream(response)
         hint = await sse.next()
-        assert hint.retry == 2000 and hint.id is None and not hint.dispatched
+        assert hint.retry == 2000
+        assert hint.id is None
+        assert not hint.dispatched
         messages = await sse.events(2)
 
     assert [m.id for m in messages] == [str(first.id), str(second.id)]
@@ -157,9 +160,10 @@ async def test_first_connection_gets_position(alog, stream_app, client):
     async with Connection(client, url, {"topic": CART_42}) as sse:
         hint = await sse.next()
         position = await sse.next()
-        # Without a position the stream starts at the head and says so, so that a
-        # reconnect resumes from there even if no event came in between.
-        assert position.id == str(before.id) and not position.dispatched
+        # Without a position the stream starts at the head and sends that position,
+        # so that a reconnect resumes from there even if no event came in between.
+        assert position.id == str(before.id)
+        assert not position.dispatched
         later = await alog.publish(CART_42, "item_added", {"n": 1})
         [message] = await sse.events(1)
     assert hint.retry == 2000
@@ -211,7 +215,8 @@ async def test_beyond_head_starts_at_head(alog, stream_app, client):
     async with Connection(client, url, {"topic": CART_42}, {"Last-Event-ID": str(head.id + 1000)}) as sse:
         await sse.next()  # retry hint
         position = await sse.next()
-        assert position.id == str(head.id) and not position.dispatched
+        assert position.id == str(head.id)
+        assert not position.dispatched
         after_restore = await alog.publish(CART_42, "item_added", {"n": 1})
         [message] = await sse.events(1)
     assert message.id == str(after_restore.id)
@@ -277,8 +282,9 @@ async def test_async_authorize_picks_topics(alog, serve, client):
     stream = EventStream(alog, authorize=my_cart)
     url = await serve(stream)
 
-    refused = await client.get(url)
-    assert (refused.status_code, refused.text.strip()) == (401, "sign in first")
+    rejected = await client.get(url)
+    assert rejected.status_code == 401
+    assert rejected.text.strip() == "sign in first"
 
     mine = await alog.publish(CART_42, "item_added", {"n": 1})
     await alog.publish(CART_7, "item_added", {"n": 2})
@@ -353,10 +359,10 @@ async def test_many_disconnects_leak_nothing(alog, stream_app, client):
 
 async def test_wait_keeps_cancellation():
     """A subscription's wait must not swallow a cancellation that meets its doorbell."""
-    from eventlog._subscription import _wait_event
+    from eventlog._subscription import wait_event
 
     bell = asyncio.Event()
-    waiting = asyncio.create_task(_wait_event(bell, 30.0))
+    waiting = asyncio.create_task(wait_event(bell, 30.0))
     await asyncio.sleep(0)  # one turn of the loop: the task now waits on the bell
     bell.set()
     await asyncio.sleep(0)  # the bell's waiter finishes; the wait has not resumed yet

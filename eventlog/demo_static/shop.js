@@ -7,7 +7,7 @@
 const PAGE = document.body.dataset.page; // "shop" or "admin"
 const STORE = "eventlog-demo:" + PAGE;
 const IDENTITY = "eventlog-demo:identity"; // written on sign-in and sign-out, read by the other tabs
-const RESTART_DELAY = 2000; // ms before starting over when the server refused or is down
+const RESTART_DELAY = 2000; // ms before starting over when the server rejected the stream or is down
 
 // Exposed for the browser tests and for curious people with a console.
 const demo = window.eventlogDemo = {
@@ -68,10 +68,10 @@ async function start() {
   closeSource();
   setStatus("connecting");
   try {
-    const who = await call("GET", "/api/whoami");
+    const identity = await call("GET", "/api/whoami");
     const saved = loadSaved();
-    if (saved && saved.logId === who.log_id && saved.shopper === shopperKey(who.shopper)) {
-      adopt(who, saved.state, "storage");
+    if (saved && saved.logId === identity.log_id && saved.shopper === shopperKey(identity.shopper)) {
+      adopt(identity, saved.state, "storage");
     } else {
       const snapshot = await call("GET", "/api/state");
       adopt(snapshot, fromSnapshot(snapshot), "snapshot");
@@ -86,11 +86,11 @@ async function start() {
   connect();
 }
 
-function adopt(who, state, origin) {
-  demo.shopper = who.shopper;
-  demo.topics = PAGE === "admin" ? who.topics.filter((t) => !t.startsWith("shop:cart:")) : who.topics;
-  demo.logId = who.log_id;
-  demo.eventTypes = who.event_types;
+function adopt(identity, state, origin) {
+  demo.shopper = identity.shopper;
+  demo.topics = PAGE === "admin" ? identity.topics.filter((t) => !t.startsWith("shop:cart:")) : identity.topics;
+  demo.logId = identity.log_id;
+  demo.eventTypes = identity.event_types;
   demo.state = state;
   demo.resumedFrom = origin;
 }
@@ -134,7 +134,7 @@ function connect() {
   source.onerror = () => {
     demo.errors += 1;
     if (source.readyState === EventSource.CLOSED) {
-      // The server answered with an error (a cookie changed, say): start over.
+      // The server responded with an error status (a cookie changed, say): start over.
       setStatus("closed");
       restartTimer = setTimeout(start, RESTART_DELAY);
     } else {
@@ -301,8 +301,7 @@ const STATUSES = ["active", "sale", "featured", "hidden"];
 function renderAdmin() {
   const body = $("admin-products");
   const rows = new Map([...body.children].map((row) => [row.dataset.productId, row]));
-  const wanted = sortedProducts();
-  for (const product of wanted) {
+  for (const product of sortedProducts()) {
     const row = rows.get(String(product.id)) || adminRow(product);
     updateAdminRow(row, product);
     body.append(row); // moves it into sorted order

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._encoding import validate_topics
 from .._models import Event
-from .._subscription import AsyncSubscription, Subscription, SubscriptionState
+from .._subscription import AsyncSubscription, Subscription, SubscriptionState, wait_event
 from ..errors import SubscriptionStateError
 from .events import ShopEvent, decode_event
 from .models import Cart
@@ -368,9 +368,7 @@ class AsyncShopSubscriber(_SubscriberBase):
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
 
             if sub is None:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
+                if not await wait_event(self._changed, remaining):
                     return None
                 continue
             try:
