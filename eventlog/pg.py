@@ -8,7 +8,7 @@ For code that works with psycopg directly, without SQLAlchemy::
     with psycopg.connect(url) as conn:
         with pg.transaction(conn) as tx:
             conn.execute("UPDATE carts SET updated_at = now() WHERE id = %s", (7,))
-            tx.publish("shop:cart:user:7", "cart_item_added", {"product_id": 3})
+            tx.publish("shop:cart:user:7", "item_added", {"product_id": 3})
         print(tx.events)
 
 `transaction` opens the transaction itself: the events are buffered and written

@@ -7,7 +7,7 @@ the same transaction as its business writes, so both commit or neither does::
 
     with Session(engine) as session, session.begin():
         session.add(CartItem(cart_id=7, product_id=3, quantity=2))
-        pending = publish(session, "shop:cart:user:7", "cart_item_added", {"product_id": 3})
+        pending = publish(session, "shop:cart:user:7", "item_added", {"product_id": 3})
     print(pending.event.id)
 
 `publish` accepts a `Session`, an `AsyncSession`, a `Connection` or an

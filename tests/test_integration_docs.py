@@ -73,7 +73,7 @@ async def test_fastapi_core(shop_url, monkeypatch):
     await carts.engine.dispose()
 
     [event] = read_log(shop_url)
-    assert (event.id, event.topics, event.type) == (event_id, ("shop:cart:user:42",), "cart_item_added")
+    assert (event.id, event.topics, event.type) == (event_id, ("shop:cart:user:42",), "item_added")
     with psycopg.connect(shop_url) as conn:
         rows = conn.execute("SELECT id, user_id, product_id, quantity FROM cart_items").fetchall()
     assert rows == [(event.data["item_id"], 42, 7, 2)]

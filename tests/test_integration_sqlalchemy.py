@@ -104,7 +104,7 @@ def test_commit_together(engine, log, schema, admin, expire_on_commit):
             flushed = CartItem(cart_id=1, product_id=7)
             session.add(flushed)
             session.flush()
-            pending = publish(session, "shop:cart:user:1", "cart_item_added", {"item_id": flushed.id}, schema=schema)
+            pending = publish(session, "shop:cart:user:1", "item_added", {"item_id": flushed.id}, schema=schema)
             session.add(CartItem(cart_id=1, product_id=8))  # flushed only at commit
             # Buffered: no lock is held while the business transaction goes on.
             assert not holds_ordering_lock(admin, backend_pid(session.connection()))
@@ -113,7 +113,7 @@ def test_commit_together(engine, log, schema, admin, expire_on_commit):
         # Expired or not, the committed row reads back.
         assert pending.event.data == {"item_id": flushed.id}
 
-    assert stored(log) == [(pending.event.id, "cart_item_added")]
+    assert stored(log) == [(pending.event.id, "item_added")]
     assert log.read()[0] == pending.event
     assert item_count(engine) == 2
     statements = statements[:commit_at]
@@ -136,7 +136,7 @@ def test_exception_before_commit(engine, log, schema):
     with pytest.raises(Abandoned), Session(engine) as session, session.begin():
         session.add(CartItem(cart_id=1, product_id=7))
         session.flush()
-        pending = publish(session, "shop:cart:user:1", "cart_item_added", schema=schema)
+        pending = publish(session, "shop:cart:user:1", "item_added", schema=schema)
         raise Abandoned
 
     assert pending.discarded
@@ -147,7 +147,7 @@ def test_exception_before_commit(engine, log, schema):
 
 def test_violation_at_flush(engine, log, schema):
     with pytest.raises(exc.IntegrityError), Session(engine) as session, session.begin():
-        pending = publish(session, "shop:cart:user:1", "cart_item_added", schema=schema)
+        pending = publish(session, "shop:cart:user:1", "item_added", schema=schema)
         session.add(CartItem(cart_id=99, product_id=7))  # no cart 99: fails at the final flush
 
     assert pending.discarded
@@ -180,7 +180,7 @@ def test_failed_commit(engine, log, schema, target):
 def test_missing_log(engine, log, schema):
     with pytest.raises(SchemaNotFound, match="no_such_log"), Session(engine) as session, session.begin():
         session.add(CartItem(cart_id=1, product_id=7))
-        pending = publish(session, "shop:cart:user:1", "cart_item_added", schema="no_such_log")
+        pending = publish(session, "shop:cart:user:1", "item_added", schema="no_such_log")
 
     assert pending.discarded
     assert item_count(engine) == 0
@@ -203,7 +203,7 @@ def _publish_new_items(schema: str) -> Callable[[Session, object], None]:
     def after_flush(session: Session, flush_context: object) -> None:
         for item in session.new:
             if isinstance(item, CartItem):
-                publish(session, f"shop:cart:{item.cart_id}", "cart_item_added", {"item_id": item.id}, schema=schema)
+                publish(session, f"shop:cart:{item.cart_id}", "item_added", {"item_id": item.id}, schema=schema)
 
     return after_flush
 
@@ -217,8 +217,8 @@ def test_publish_from_flush_hook(engine, log, schema):
             session.add(CartItem(cart_id=2, product_id=2))  # flushed by the commit itself
 
     assert [(e.topics, e.type) for e in log.read()] == [
-        (("shop:cart:1",), "cart_item_added"),
-        (("shop:cart:2",), "cart_item_added"),
+        (("shop:cart:1",), "item_added"),
+        (("shop:cart:2",), "item_added"),
     ]
 
 
@@ -343,7 +343,7 @@ async def test_async_session(aengine, alog, schema):
     async with AsyncSession(aengine) as session:
         async with session.begin():
             session.add(CartItem(cart_id=2, product_id=5))
-            pending = publish(session, "shop:cart:user:2", "cart_item_added", {"product_id": 5}, schema=schema)
+            pending = publish(session, "shop:cart:user:2", "item_added", {"product_id": 5}, schema=schema)
             nested = await session.begin_nested()
             dropped = publish(session, "shop:cart:user:2", "dropped", schema=schema)
             await nested.rollback()
@@ -356,7 +356,7 @@ async def test_async_session(aengine, alog, schema):
 
     assert dropped.discarded
     assert abandoned.discarded
-    assert [(e.id, e.type) for e in await alog.read()] == [(pending.event.id, "cart_item_added")]
+    assert [(e.id, e.type) for e in await alog.read()] == [(pending.event.id, "item_added")]
 
 
 async def test_async_connection(aengine, alog, schema):
@@ -391,7 +391,7 @@ def test_ordering_race(engine, log, schema):
                     cart = session.get(Cart, cart_id, with_for_update=True)
                     cart.items += 1
                     session.add(CartItem(cart_id=cart_id, product_id=n))
-                    pending = publish(session, [topic, f"shop:cart:user:{cart_id}"], "cart_item_added",
+                    pending = publish(session, [topic, f"shop:cart:user:{cart_id}"], "item_added",
                                       {"cart_id": cart_id, "n": n}, schema=schema)
                     session.flush()
                     # The transaction stays open after its business writes, as a

@@ -347,6 +347,7 @@ async def test_server_restart(local_server, database_url, schema, caplog):
             await asyncio.to_thread(count.wait_for, RESTART_AT)
             old_pid = listener.backend_pid
             await asyncio.to_thread(local_server.restart)
+            published_by_restart = count.value
             await asyncio.to_thread(wait_reconnected, listener, old_pid)
             await asyncio.to_thread(publisher.join, WAIT)
             assert not publisher.is_alive()
@@ -381,7 +382,9 @@ async def test_server_restart(local_server, database_url, schema, caplog):
             sync_b.close()
             await async_all.close()
 
-    assert retries.value > 0, "the publisher never saw the restart"
+    # The restart fell inside the stream. The publisher need not have seen an error,
+    # because the pool waits for the server to come back and replaces dead connections.
+    assert published_by_restart < RESTART_EVENTS, "the stream ended before the restart"
     assert any(ADMIN_COMMAND in message for message in _lost_warnings(caplog, schema))
 
 
