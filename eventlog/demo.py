@@ -314,8 +314,13 @@ class ProductView:
                 self.product = self.product.model_copy(update={"status": status})
 
 
-class DashboardView:
-    """The admin dashboard: the whole catalogue."""
+class CatalogueView:
+    """The whole catalogue: products and categories.
+
+    The dashboard tab shows it, and ``demo --serve`` keeps the catalogue part of
+    its server state in one (`eventlog.demo_web.ShopState`), so both apply
+    catalogue events the same way. Cart events leave it unchanged.
+    """
 
     def __init__(self) -> None:
         self.products: dict[str, Product] = {}
@@ -770,7 +775,7 @@ class _Script:
 
     def open_dashboard(self) -> None:
         floor = self.floor
-        self._open(Tab("dashboard", self.demo, DashboardView(), _follow_catalogue))
+        self._open(Tab("dashboard", self.demo, CatalogueView(), _follow_catalogue))
         self.say("dashboard open: follows shop:products, shop:categories and shop:inventory")
 
         for category in CATEGORIES:
@@ -1015,7 +1020,7 @@ def _dump(model: Any) -> Any:
 
 
 def _view_matches(view: Any, floor: ShopFloor) -> bool:
-    if isinstance(view, DashboardView):
+    if isinstance(view, CatalogueView):
         return (
             {k: _dump(v) for k, v in view.products.items()} == {k: _dump(v) for k, v in floor.products.items()}
             and {k: _dump(v) for k, v in view.categories.items()}

@@ -46,7 +46,7 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -65,6 +65,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from . import migrate
+from .demo import CATEGORIES, PRODUCTS, CatalogueView, _server
 from .errors import ConnectionFailed, EventLogError
 from ._settings import redact_url
 from .log import AsyncEventLog
@@ -82,19 +83,6 @@ from .shop import (
     products_topic,
     session_cart_topic,
     user_cart_topic,
-)
-from .shop.events import (
-    CategoriesBulkDeleted,
-    CategoriesBulkParentChanged,
-    CategoriesBulkStatusChanged,
-    CategoryCreated,
-    CategoryDeleted,
-    CategoryUpdated,
-    InventoryUpdated,
-    ProductCreated,
-    ProductDeleted,
-    ProductsBulkStatusChanged,
-    ProductUpdated,
 )
 from .web import EventStream
 
@@ -152,8 +140,7 @@ class ShopState:
         self.shop = AsyncShop(log)
         self.cursor = 0
         self.log_id = ""
-        self.products: dict[str, Product] = {}
-        self.categories: dict[str, Category] = {}
+        self.catalogue = CatalogueView()
         self.carts: dict[str, Cart] = {}
         self._user_carts: dict[str, str] = {}
         self._session_carts: dict[str, str] = {}
@@ -189,31 +176,8 @@ class ShopState:
         cart = getattr(event, "cart", None)
         if isinstance(cart, Cart):
             self._apply_cart(cart)
-            return
-        products, categories = self.products, self.categories
-        match event:
-            case ProductCreated(product) | ProductUpdated(product):
-                products[str(product.id)] = product
-            case ProductDeleted(product_id):
-                products.pop(str(product_id), None)
-            case ProductsBulkStatusChanged(ids, status):
-                for key in map(str, ids):
-                    if key in products:
-                        products[key] = products[key].model_copy(update={"status": status})
-            case InventoryUpdated(product_id, change) if str(product_id) in products:
-                product = products[str(product_id)]
-                products[str(product_id)] = product.model_copy(update={"stock": product.stock + change})
-            case CategoryCreated(category) | CategoryUpdated(category):
-                categories[str(category.id)] = category
-            case CategoryDeleted(category_id):
-                categories.pop(str(category_id), None)
-            case CategoriesBulkDeleted(ids):
-                for key in map(str, ids):
-                    categories.pop(key, None)
-            case CategoriesBulkParentChanged(ids, parent_id):
-                self._update_categories(ids, parent_id=parent_id)
-            case CategoriesBulkStatusChanged(ids, status):
-                self._update_categories(ids, status=status)
+        else:
+            self.catalogue.apply(event)
 
     def _apply_cart(self, cart: Cart) -> None:
         self.carts[str(cart.id)] = cart
@@ -221,11 +185,6 @@ class ShopState:
             self._user_carts[str(cart.user_id)] = str(cart.id)
         if cart.session_id is not None and cart.user_id is None:
             self._session_carts[str(cart.session_id)] = str(cart.id)
-
-    def _update_categories(self, ids: Iterable[Any], **changes: Any) -> None:
-        for key in map(str, ids):
-            if key in self.categories:
-                self.categories[key] = self.categories[key].model_copy(update=changes)
 
     def cart_of(self, shopper: Shopper) -> Cart | None:
         """Return the shopper's cart: the user's once signed in, else the guest session's."""
@@ -243,8 +202,8 @@ class ShopState:
                 **self.identity(shopper),
                 "last_event_id": self.cursor,
                 "cart": None if cart is None else _json(cart),
-                "products": {k: _json(p) for k, p in self.products.items()},
-                "categories": {k: _json(c) for k, c in self.categories.items()},
+                "products": {k: _json(p) for k, p in self.catalogue.products.items()},
+                "categories": {k: _json(c) for k, c in self.catalogue.categories.items()},
             }
 
     def identity(self, shopper: Shopper) -> dict[str, Any]:
@@ -275,8 +234,6 @@ class ShopState:
         self.log_id = f"{self.log.schema}/{first.id}/{first.occurred_at.isoformat()}"
 
     async def _seed(self) -> None:
-        from .demo import CATEGORIES, PRODUCTS
-
         for category in CATEGORIES:
             await self.shop.broadcast_category_created(category)
         for product in PRODUCTS:
@@ -330,7 +287,7 @@ class ShopState:
             if not cart.items:
                 raise DemoInputError("the cart is empty")
             for item in cart.items:
-                if str(item.product_id) in self.products:
+                if str(item.product_id) in self.catalogue.products:
                     await self.shop.broadcast_inventory_updated(item.product_id, -item.quantity)
             await self.shop.broadcast_cart_cleared(_totals(cart, []))
 
@@ -365,7 +322,8 @@ class ShopState:
         async def action() -> None:
             name = _text(fields.get("name"), "name")
             product = Product(
-                id=_slug(name, self.products), sku=_text(fields.get("sku") or name[:2].upper() + "-NEW", "sku"),
+                id=_slug(name, self.catalogue.products),
+                sku=_text(fields.get("sku") or name[:2].upper() + "-NEW", "sku"),
                 name=name, price=_money(fields.get("price")), stock=_int(fields.get("stock", 0), "stock"),
                 category_id=self._category_id(fields.get("category_id")),
             )
@@ -408,7 +366,7 @@ class ShopState:
     async def create_category(self, fields: dict[str, Any]) -> int:
         async def action() -> None:
             name = _text(fields.get("name"), "name")
-            key = _slug(name, self.categories)
+            key = _slug(name, self.catalogue.categories)
             category = Category(
                 id=key, name=name, slug=key, parent_id=self._category_id(fields.get("parent_id")),
             )
@@ -434,13 +392,13 @@ class ShopState:
     # -- lookups that raise DemoInputError ----------------------------------------------------
 
     def _product(self, product_id: Any) -> Product:
-        product = self.products.get(str(product_id))
+        product = self.catalogue.products.get(str(product_id))
         if product is None:
             raise DemoInputError(f"no product {product_id!r}; it may have been deleted meanwhile")
         return product
 
     def _category(self, category_id: Any) -> Category:
-        category = self.categories.get(str(category_id))
+        category = self.catalogue.categories.get(str(category_id))
         if category is None:
             raise DemoInputError(f"no category {category_id!r}; it may have been deleted meanwhile")
         return category
@@ -653,7 +611,6 @@ DEFAULT_SCHEMA = "demo_shop"
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``eventlog demo --serve``: on `--database-url`, or on a throwaway server."""
     from .cli import write_line
-    from .demo import _server
 
     schema = args.schema or DEFAULT_SCHEMA
     with _server(args.database_url, args.keep, schema, write_line) as url:
