@@ -135,6 +135,11 @@ def encode_data(value: Any, limit: int, what: str = "data") -> str:
         raise InvalidData(f"invalid event {what}: {_describe_value_error(value, what, exc)}") from None
     except TypeError as exc:
         raise InvalidData(f"invalid event {what}: {exc}") from None
+    except RecursionError:
+        raise InvalidData(
+            f"invalid event {what}: it is nested too deeply to encode (Python's recursion "
+            "limit); flatten the structure"
+        ) from None
 
     # A cheap test first: the text also holds "\\u0000" where a string has a
     # backslash followed by "u0000", which jsonb stores fine.

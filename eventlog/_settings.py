@@ -109,8 +109,10 @@ def normalize_url(url: str) -> str:
     try:
         psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
+        # The value is not shown: a URL that fails to parse cannot be redacted
+        # reliably, and it may contain a password.
         raise ConfigurationError(
-            f"invalid database URL {redact_url(url)!r}: expected "
+            "invalid database URL (not shown, as it may contain a password): expected "
             "postgresql://user:password@host:port/dbname or a libpq key=value string"
         ) from None
     return url

@@ -11,8 +11,9 @@ from typing import Any
 
 from psycopg import sql
 
-from ._encoding import encode_data, encode_metadata
+from ._encoding import encode_data, encode_metadata, validate_topics
 from ._models import Event, NewEvent
+from .errors import InvalidQuery
 
 EVENT_COLUMNS = "id, topics, type, data, metadata, occurred_at"
 
@@ -53,6 +54,36 @@ class EventFilter:
     until_id: int | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        # A single string is one topic or type, not a sequence of characters.
+        if self.topics is not None:
+            object.__setattr__(self, "topics", validate_topics(self.topics))
+        if isinstance(self.types, str):
+            object.__setattr__(self, "types", (self.types,))
+        _check_id("after_id", self.after_id)
+        if self.until_id is not None:
+            _check_id("until_id", self.until_id)
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, dt.datetime) or value.utcoffset() is None):
+                raise InvalidQuery(
+                    f"invalid {name} {value!r}: expected an aware datetime, such as "
+                    "datetime(2026, 1, 1, tzinfo=timezone.utc)"
+                )
+
+
+def _check_id(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidQuery(f"invalid {name} {value!r}: expected an event id, an int from 0 to 2**63 - 1")
+
+
+def check_limit(name: str, value: object) -> None:
+    """Raise `InvalidQuery` unless `value` is None or a positive int."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidQuery(f"invalid {name} {value!r}: expected a whole number of 1 or more")
 
 
 def select_events(

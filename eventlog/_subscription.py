@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Union
 from ._channels import channel_for
 from ._encoding import validate_topics
 from ._models import Event
-from .errors import ConnectionFailed, SubscriptionStateError
+from .errors import ConnectionFailed, InvalidQuery, SubscriptionStateError
 
 if TYPE_CHECKING:
     from ._listener import Listener
@@ -83,7 +83,7 @@ class SubscriptionCore:
         self, topics: Iterable[str], after: int | None, batch_size: int, poll_interval: float
     ) -> None:
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
-            raise ValueError(f"invalid cursor {after!r}: expected an event id >= 0, or None for 'from now on'")
+            raise InvalidQuery(f"invalid cursor {after!r}: expected an event id >= 0, or None for 'from now on'")
         self.topics = frozenset(validate_topics(topics))
         self.cursor = after
         self.state = SubscriptionState.INITIAL
@@ -100,6 +100,14 @@ class SubscriptionCore:
         self.require(SubscriptionState.INITIAL)
         if self.cursor is None:
             self.cursor = head
+        elif self.cursor > head:
+            # Kept as given, because rewinding could deliver events twice. After a
+            # restore from an older backup, this skips the ids up to the cursor.
+            logger.warning(
+                "subscription cursor %d is beyond the newest event id %d; events with "
+                "ids up to %d will not be delivered",
+                self.cursor, head, self.cursor,
+            )
         self.state = SubscriptionState.CATCHING_UP
         logger.info(
             "subscription to %d topics catching up after id %d", len(self.topics), self.cursor
@@ -242,7 +250,7 @@ class Subscription(_SubscriptionBase):
             self._listener = self._log._listener(self)
             try:
                 self._listen(self._core.topics)
-                self._core.start(self._log.head() if self._core.cursor is None else 0)
+                self._core.start(self._log.head())
             except BaseException:
                 # head() failed (server down). Release the listener, or it would
                 # keep a LISTEN connection open for a subscription that no caller has.
@@ -405,7 +413,7 @@ class AsyncSubscription(_SubscriptionBase):
         self._listener = self._log._listener(self)
         try:
             await self._listen(self._core.topics)
-            self._core.start(await self._log.head() if self._core.cursor is None else 0)
+            self._core.start(await self._log.head())
         except BaseException:
             await self.close()  # release the listener, as in Subscription.open
             raise

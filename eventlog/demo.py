@@ -1117,7 +1117,13 @@ def run(args: argparse.Namespace) -> int:
     from .cli import write_line
 
     if args.serve:
-        from .demo_web import run_serve
+        try:
+            from .demo_web import run_serve
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"eventlog demo --serve needs the web extra ({exc.name or exc} is missing): "
+                "pip install 'eventlog[web]'"
+            ) from None
 
         return run_serve(args)
 

@@ -9,6 +9,7 @@ Every exception the library raises on purpose derives from `EventLogError`::
     │   ├── InvalidEventType
     │   ├── InvalidData           not JSON-serializable, or not storable as jsonb
     │   └── DataTooLarge
+    ├── InvalidQuery (ValueError) a bad cursor, limit, page size or time bound
     ├── SubscriptionStateError    a call that the subscription's state does not allow
     ├── TransactionStateError     publishing where no transaction of ours can write the events
     └── DatabaseError             a database operation failed (`sqlstate` attached)
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidEventType",
     "InvalidTopic",
     "SchemaNotFound",
+    "InvalidQuery",
     "SubscriptionStateError",
     "TransactionStateError",
 ]
@@ -89,6 +91,10 @@ class DataTooLarge(InvalidEvent):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class InvalidQuery(EventLogError, ValueError):
+    """An argument of a read, replay, query or subscription is invalid."""
 
 
 class SubscriptionStateError(EventLogError):

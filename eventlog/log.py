@@ -29,6 +29,7 @@ from ._settings import Settings
 from ._sql import (
     EncodedEvent,
     EventFilter,
+    check_limit,
     encode_event,
     event_from_row,
     load_jsonb,
@@ -322,6 +323,7 @@ class EventLog(_LogBase):
         self, topics: str | Iterable[str] | None = None, *, after: int = 0, limit: int | None = None
     ) -> list[Event]:
         """Return one page: events of `topics` (None: all) with ids above `after`."""
+        check_limit("limit", limit)
         page = limit or self.settings.batch_size
         query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
         with self.connection() as conn:
@@ -347,6 +349,7 @@ class EventLog(_LogBase):
 
     def query(self, where: EventFilter, *, page_size: int | None = None) -> Iterator[Event]:
         """Yield events that match `where`, in id order, page by page."""
+        check_limit("page_size", page_size)
         page = page_size or self.settings.batch_size
         cursor = where.after_id
         while True:
@@ -488,6 +491,7 @@ class AsyncEventLog(_LogBase):
         self, topics: str | Iterable[str] | None = None, *, after: int = 0, limit: int | None = None
     ) -> list[Event]:
         """Return one page: events of `topics` (None: all) with ids above `after`."""
+        check_limit("limit", limit)
         page = limit or self.settings.batch_size
         query, params = select_events(self.schema, EventFilter(_topics_filter(topics), after_id=after), page)
         async with self.connection() as conn:
@@ -509,6 +513,7 @@ class AsyncEventLog(_LogBase):
 
     async def query(self, where: EventFilter, *, page_size: int | None = None) -> AsyncIterator[Event]:
         """Yield events that match `where`, in id order, page by page."""
+        check_limit("page_size", page_size)
         page = page_size or self.settings.batch_size
         cursor = where.after_id
         while True:

@@ -269,6 +269,10 @@ def record_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
         f"postgresql://app:{PASSWORD}@local host/app",
         f"host=localhost password={PASSWORD} nosuch=1",
         f"mysql://app:{PASSWORD}@localhost/app",
+        # Malformed URLs that a redactor cannot parse: the value must not be shown.
+        f"app:{PASSWORD}@127.0.0.1:5432/app",
+        f"postgresql:/app:{PASSWORD}@127.0.0.1/app",
+        f"host=127.0.0.1 password='{PASSWORD} x",
     ],
 )
 def test_bad_url(log_class: type, url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -278,7 +282,7 @@ def test_bad_url(log_class: type, url: str, caplog: pytest.LogCaptureFixture) ->
         log_class(url)
 
     assert "invalid database URL" in str(raised.value)
-    assert "***" in str(raised.value)
+    assert "not shown" in str(raised.value)
     assert secret_free(*exception_texts(raised.value), *record_texts(caplog))
 
 
