@@ -599,7 +599,9 @@ class LocalPostgres:
     def _write_server_config(self) -> None:
         # A separate include file so that a port change rewrites only our
         # lines; pg_ctl start and a person running pg_ctl by hand both read it.
-        assert self.data_dir is not None and self.socket_dir is not None and self.port is not None
+        assert self.data_dir is not None
+        assert self.socket_dir is not None
+        assert self.port is not None
         settings: dict[str, object] = {
             "listen_addresses": self.host,
             "port": self.port,

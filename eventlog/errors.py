@@ -111,7 +111,7 @@ class TransactionStateError(EventLogError):
 
 
 class DatabaseError(EventLogError):
-    """A database operation failed; `sqlstate` holds the server's code if any."""
+    """A database operation failed; `sqlstate` is the server's error code, if any."""
 
     def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)

@@ -93,22 +93,24 @@ async def _configure_async(conn: psycopg.AsyncConnection) -> None:
 def _has_pending_input(conn: psycopg.Connection | psycopg.AsyncConnection) -> bool:
     # An idle pooled connection has nothing to read. A readable socket means the
     # server sent something unasked: almost always the FATAL message and EOF of a
-    # terminated backend or a restarted server.
+    # terminated backend or a restarted server. poll(), unlike select(), works for
+    # descriptors above 1023, which a busy web server reaches.
     if conn.closed or conn.broken:
         return True
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    except (OSError, ValueError, psycopg.OperationalError):
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, psycopg.OperationalError):
         return True
-    return bool(readable)
 
 
 def _check(conn: psycopg.Connection) -> None:
     """Reject a dead pooled connection before it is handed out.
 
-    Costs one poll of the socket; only a connection with unexpected input pays
-    for a round trip, which raises if it is dead, and the pool then discards it.
-    Without this, the first publish after a server restart would fail.
+    This costs one poll of the socket. Only a connection with unexpected input
+    pays for a round trip, which raises if the connection is dead, so the pool
+    discards it. Without this, the first publish after a server restart failed.
     """
     if _has_pending_input(conn):
         ConnectionPool.check_connection(conn)

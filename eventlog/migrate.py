@@ -38,7 +38,7 @@ _alembic_lock = threading.Lock()
 
 
 def migrations_path() -> Path:
-    """Return the folder that holds env.py and the versions of eventlog's history."""
+    """Return the folder that contains env.py and the versions of eventlog's history."""
     from . import _migrations
 
     return Path(_migrations.__file__).resolve().parent

@@ -39,7 +39,7 @@ VERSION_TABLE = "eventlog_alembic_version"
 
 @lru_cache(maxsize=None)
 def build_metadata(schema: str = "eventlog") -> MetaData:
-    """Return the MetaData that holds the tables of the log in `schema`."""
+    """Return the MetaData that contains the tables of the log in `schema`."""
     metadata = MetaData(schema=schema)
     Table(
         EVENTS_TABLE,

@@ -428,7 +428,8 @@ def test_guest_signs_in_and_the_cart_follows(server, new_context):
         name = page.locator("[data-testid=shopper-name]")
         eventually(lambda: name.inner_text() == f"Signed in as {user}", "both tabs to show the user")
     truth = assert_pages_show_shop_cart(server, first, second)
-    assert truth["id"] == guest_cart["id"] and truth["user_id"] == user
+    assert truth["id"] == guest_cart["id"]
+    assert truth["user_id"] == user
     assert quantities(truth) == quantities(guest_cart)
 
     add(second, "mug")
