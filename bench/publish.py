@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -12,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from eventlog import EventLog, channel_for
+from eventlog._sql import publish_statement
 
 from .common import (
     PRODUCT_TOPIC,
@@ -36,10 +36,6 @@ EVENT_TYPE = "product_updated"
 TARGET_AT_16 = 0.85
 WARM_UP_SECONDS = 0.2
 
-# The line of publish_v1 that takes the ordering lock, and the statement that rings
-# the doorbells. The lock comparison builds copies of the function without them.
-_LOCK_LINE = re.compile(r"^\s*PERFORM pg_advisory_xact_lock\([^;]*\);\s*$", re.MULTILINE)
-_NOTIFY_STATEMENT = re.compile(r"^\s*PERFORM pg_notify\(.*?;\s*$", re.MULTILINE | re.DOTALL)
 
 
 def run(
@@ -56,9 +52,9 @@ def run(
             "thread its own autocommit psycopg connection and runs `WITH ins AS (INSERT ... "
             "RETURNING id, occurred_at) SELECT id, occurred_at, pg_notify(channel, id::text) FROM "
             "ins`. That is one statement, one round trip and one transaction without a lock, like "
-            "the library's call of `publish_v1`, with the same data encoded by `json.dumps`. So "
-            "the ratio measures everything the library adds: validation and encoding, the pool, "
-            "the function call, the advisory lock and the returned `Event`. The library prepares "
+            "the library's statement, which adds the lock to it, and the same data encoded by "
+            "`json.dumps`. So the ratio measures everything the library adds: validation and "
+            "encoding, the pool, the advisory lock and the returned `Event`. The library prepares "
             "its publish statement on first use; the raw connections keep psycopg's default of "
             "preparing from the 5th execution. Each event "
             f"has one topic ({PRODUCT_TOPIC!r}) and about 100 bytes of data. No one listens."
@@ -118,18 +114,20 @@ def overhead_table(database_url: str, rounds: int) -> Table:
     try:
         with ExitStack() as stack:
             log = stack.enter_context(EventLog(url, schema=schema, pool_min_size=1, pool_max_size=1))
-            prepared = stack.enter_context(psycopg.connect(url, autocommit=True))
+            prepared = stack.enter_context(psycopg.connect(url, autocommit=True, prepare_threshold=0))
             unprepared = stack.enter_context(psycopg.connect(url, autocommit=True, prepare_threshold=None))
-            statement = raw_publish_statement(schema)
-            function = _function_statement(schema, "publish_v1")
             channel = channel_for(PRODUCT_TOPIC, schema)
+            function = sql.SQL("SELECT id, occurred_at FROM {}.publish_v1(%s::text[], %s, %s::jsonb, %s::jsonb)").format(
+                sql.Identifier(schema)
+            )
 
-            def raw_calls(conn: psycopg.Connection, query: sql.Composed, notify: bool) -> Callable[[], float]:
+            def raw_calls(
+                conn: psycopg.Connection, query: str | sql.Composable, channel: str | None
+            ) -> Callable[[], float]:
                 def calls() -> float:
                     started = time.perf_counter()
                     for number in range(OVERHEAD_EVENTS):
-                        params = [[PRODUCT_TOPIC], EVENT_TYPE, encode_json(product_data(number)), encode_json(product_metadata(number))]
-                        conn.execute(query, params + [channel] if notify else params).fetchone()
+                        conn.execute(query, _raw_params(number, channel)).fetchone()
                     return (time.perf_counter() - started) / OVERHEAD_EVENTS * 1e6
 
                 return calls
@@ -141,9 +139,18 @@ def overhead_table(database_url: str, rounds: int) -> Table:
                 return (time.perf_counter() - started) / OVERHEAD_EVENTS * 1e6
 
             runs = {
-                "raw insert-and-NOTIFY statement, prepared (the raw baseline)": raw_calls(prepared, statement, True),
-                "raw insert-and-NOTIFY statement, not prepared": raw_calls(unprepared, statement, True),
-                "raw call of publish_v1, not prepared": raw_calls(unprepared, function, False),
+                "raw insert-and-NOTIFY statement, prepared (the raw baseline)": raw_calls(
+                    prepared, raw_publish_statement(schema), channel
+                ),
+                "raw insert-and-NOTIFY statement, not prepared": raw_calls(
+                    unprepared, raw_publish_statement(schema), channel
+                ),
+                "the library's publish statement (with the lock), prepared, from a plain psycopg client": raw_calls(
+                    prepared, publish_statement(schema, 1), channel
+                ),
+                "call of the SQL function publish_v1, prepared, from a plain psycopg client": raw_calls(
+                    prepared, function, None
+                ),
                 "`EventLog.publish`": library_calls,
             }
             for run in runs.values():
@@ -176,9 +183,6 @@ def _compare(
         connections = [
             stack.enter_context(psycopg.connect(database_url, autocommit=True)) for _ in range(threads)
         ]
-        statement = raw_publish_statement(raw_schema)
-        channel = channel_for(PRODUCT_TOPIC, raw_schema)
-
         def library_work(index: int, deadline: float) -> int:
             done = 0
             while time.perf_counter() < deadline:
@@ -187,22 +191,7 @@ def _compare(
                 done += 1
             return done
 
-        def raw_work(index: int, deadline: float) -> int:
-            conn = connections[index]
-            done = 0
-            while time.perf_counter() < deadline:
-                number = index * 1_000_000 + done
-                params = [
-                    [PRODUCT_TOPIC],
-                    EVENT_TYPE,
-                    encode_json(product_data(number)),
-                    encode_json(product_metadata(number)),
-                    channel,
-                ]
-                conn.execute(statement, params).fetchone()
-                done += 1
-            return done
-
+        raw_work = _statement_work(connections, raw_publish_statement(raw_schema), channel_for(PRODUCT_TOPIC, raw_schema))
         runs = _timed_runs(threads, duration, {"library": library_work, "raw": raw_work})
         results = interleave(rounds, runs)
     return results["library"], results["raw"]
@@ -221,23 +210,44 @@ def _timed_runs(
 
 
 def lock_comparison(database_url: str, concurrency: list[int], duration: float, rounds: int) -> Table:
-    """Time the library's publish_v1 beside copies without the lock, and without NOTIFY.
+    """Time the library's publish statement beside copies without the lock, and without NOTIFY.
 
-    Each publisher thread calls one function in a loop for `duration` seconds.
+    A plain psycopg client runs each statement, so the table shows the server's side
+    alone. Each publisher thread runs one statement in a loop for `duration` seconds.
     """
     schema = new_schema(database_url, "bench_lock")
+    ident = sql.Identifier(schema)
+    channel = channel_for(PRODUCT_TOPIC, schema)
+    variants: dict[str, tuple[str | sql.Composable, bool]] = {
+        "with lock (the library's statement)": (publish_statement(schema, 1), True),
+        "without lock (the raw baseline)": (raw_publish_statement(schema), True),
+        "without lock and NOTIFY": (
+            sql.SQL(
+                "INSERT INTO {}.events (topics, type, data, metadata)"
+                " VALUES (%s, %s, %s::jsonb, %s::jsonb) RETURNING id, occurred_at"
+            ).format(ident),
+            False,
+        ),
+    }
     try:
-        variants = _create_variants(database_url, schema)
         table = Table(
             f"What the advisory lock adds (events/s, median of {plural(rounds, 'run')} of {duration:g} s). "
-            "The same raw psycopg client calls the library's SQL function and copies of it in a "
-            "scratch schema",
+            "A plain psycopg client runs, in the same schema, the statement that `EventLog.publish` "
+            "sends and copies of it without the lock and without NOTIFY",
             ["publishers", *variants, "lock / no lock (min-max)"],
             [],
         )
         with_lock, without_lock = list(variants)[:2]
         for threads in concurrency:
-            rates = _time_variants(database_url, schema, variants, threads, duration, rounds)
+            with ExitStack() as stack:
+                connections = [
+                    stack.enter_context(psycopg.connect(database_url, autocommit=True)) for _ in range(threads)
+                ]
+                works = {
+                    label: _statement_work(connections, statement, channel if notify else None)
+                    for label, (statement, notify) in variants.items()
+                }
+                rates = interleave(rounds, _timed_runs(threads, duration, works))
             ratios = paired(rates[with_lock], rates[without_lock])
             table.rows.append(
                 [str(threads)]
@@ -249,68 +259,24 @@ def lock_comparison(database_url: str, concurrency: list[int], duration: float, 
         drop_schema(database_url, schema)
 
 
-def _create_variants(database_url: str, schema: str) -> dict[str, str]:
-    """Create copies of publish_v1 in `schema`; return {label: function name}."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT pg_get_functiondef(%s::regprocedure)",
-            [f"{schema}.publish_v1(text[], text, jsonb, jsonb)"],
-        ).fetchone()
-        assert row is not None
-        definition: str = row[0]
-        if len(_LOCK_LINE.findall(definition)) != 1:
-            raise RuntimeError(
-                f"{schema}.publish_v1 no longer has exactly one 'PERFORM pg_advisory_xact_lock(...);' "
-                "line; update _LOCK_LINE in bench/publish.py to match the function"
-            )
-        variants = {"with lock (publish_v1)": "publish_v1"}
-        without_lock = _rename(_LOCK_LINE.sub("", definition), "publish_nolock")
-        conn.execute(without_lock)
-        variants["without lock"] = "publish_nolock"
-        if len(_NOTIFY_STATEMENT.findall(without_lock)) == 1:
-            conn.execute(_rename(_NOTIFY_STATEMENT.sub("", without_lock), "publish_nolock_nonotify"))
-            variants["without lock and NOTIFY"] = "publish_nolock_nonotify"
-    return variants
+def _raw_params(number: int, channel: str | None) -> list[object]:
+    params: list[object] = [
+        [PRODUCT_TOPIC],
+        EVENT_TYPE,
+        encode_json(product_data(number)),
+        encode_json(product_metadata(number)),
+    ]
+    return params if channel is None else [*params, channel]
 
 
-def _rename(definition: str, name: str) -> str:
-    # pg_get_functiondef starts with "CREATE OR REPLACE FUNCTION schema.publish_v1(".
-    # Variable references such as publish_v1.topics must follow the new name.
-    renamed = re.sub(r"\b(publish_v1|publish_nolock)(?=\s*\(|\.)", name, definition)
-    if renamed == definition:
-        raise RuntimeError("could not rename the copy of publish_v1; update _rename in bench/publish.py")
-    return renamed
-
-
-def _time_variants(
-    database_url: str, schema: str, variants: dict[str, str], threads: int, duration: float, rounds: int
-) -> dict[str, list[float]]:
-    with ExitStack() as stack:
-        connections = [
-            stack.enter_context(psycopg.connect(database_url, autocommit=True)) for _ in range(threads)
-        ]
-        works = {label: _function_work(connections, schema, function) for label, function in variants.items()}
-        return interleave(rounds, _timed_runs(threads, duration, works))
-
-
-def _function_statement(schema: str, function: str) -> sql.Composed:
-    return sql.SQL("SELECT id, occurred_at FROM {}.{}(%s::text[], %s, %s::jsonb, %s::jsonb)").format(
-        sql.Identifier(schema), sql.Identifier(function)
-    )
-
-
-def _function_work(
-    connections: list[psycopg.Connection], schema: str, function: str
+def _statement_work(
+    connections: list[psycopg.Connection], statement: str | sql.Composable, channel: str | None
 ) -> Callable[[int, float], int]:
-    statement = _function_statement(schema, function)
-
     def work(index: int, deadline: float) -> int:
         conn = connections[index]
         done = 0
         while time.perf_counter() < deadline:
-            number = index * 1_000_000 + done
-            params = [[PRODUCT_TOPIC], EVENT_TYPE, encode_json(product_data(number)), encode_json(product_metadata(number))]
-            conn.execute(statement, params).fetchone()
+            conn.execute(statement, _raw_params(index * 1_000_000 + done, channel)).fetchone()
             done += 1
         return done
 

@@ -6,7 +6,7 @@ only in how they learn that a savepoint opened, rolled back or was released, and
 in how they send the final statement.
 
 Why buffer at all: writing an event takes the log's ordering lock (see
-``publish_v1`` in the first migration), and the lock is held until the
+``ordering_lock_v1`` in the first migration), and the lock is held until the
 transaction ends. Taken in the middle of a business transaction, it would make
 every other publisher wait for the rest of that transaction, and a row lock
 taken after it could close a deadlock cycle with another publisher. So events

@@ -34,7 +34,7 @@ from ._sql import (
     event_from_row,
     load_jsonb,
     publish_batch_params,
-    publish_params,
+    publish_call,
     select_events,
     statements,
     stored_events,
@@ -281,7 +281,7 @@ class EventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         with self.connection() as conn:
-            row = conn.execute(statements(self.schema).publish, publish_params(encoded), prepare=True).fetchone()
+            row = conn.execute(*publish_call(self.schema, encoded), prepare=True).fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
 
@@ -447,7 +447,7 @@ class AsyncEventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         async with self.connection() as conn:
-            cur = await conn.execute(statements(self.schema).publish, publish_params(encoded), prepare=True)
+            cur = await conn.execute(*publish_call(self.schema, encoded), prepare=True)
             row = await cur.fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])

@@ -31,7 +31,7 @@ from eventlog.schema import VERSION_TABLE, build_metadata
 from flavors import TEST_OPTIONS, scratch_database, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-FUNCTIONS = {"channel_v1", "publish_v1", "publish_batch_v1", "reject_change_v1"}
+FUNCTIONS = {"channel_v1", "ordering_lock_v1", "publish_v1", "publish_batch_v1", "reject_change_v1"}
 TRIGGERS = {"events_reject_update_delete", "events_reject_truncate"}
 INDEXES = {"events_pkey", "events_topics_idx", "events_occurred_at_idx"}
 

@@ -3,6 +3,9 @@
 Sixteen publishers write in concurrent transactions while three live
 subscriptions and one `replay` reader follow the log. Each reader must see
 exactly the committed ids, ascending, each once (design.md, invariant 1).
+Transactions alternate between several events through `log.transaction()`
+(publish_batch_v1 at COMMIT) and one event through `log.publish` (the library's
+own publish statement), so both ways of writing take part.
 
 Commit latency is what opens the race: an id is taken at INSERT, but becomes
 visible only at COMMIT. `log.transaction()` writes its events right before
@@ -11,8 +14,9 @@ adds the latency on the server: a deferred trigger sleeps 0-20 ms at COMMIT,
 after the INSERT and while the ordering lock is held. The block also sleeps
 0-20 ms, for the application's own work in its transaction.
 
-The same race with the advisory lock stripped from the publish functions must
-make some reader skip an event, which shows that the check can fail.
+The same race with the ordering lock made a no-op (ordering_lock_v1, which every
+publisher calls) must make some reader skip an event, which shows that the check
+can fail.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from helpers import WAIT, SyncCollector, delivery_problems
 from psycopg import sql
 
 from eventlog import EventLog
+from eventlog._sql import publish_statement
 
 PUBLISHERS = 16
 TOPICS = ("race:0", "race:1", "race:2")
@@ -35,26 +40,34 @@ PUBLISH_FUNCTIONS = (
     "publish_v1(text[], text, jsonb, jsonb)",
     "publish_batch_v1(jsonb, text[], jsonb[], jsonb[])",
 )
-LOCK_CALL = "pg_advisory_xact_lock"
+LOCK_FUNCTION = "ordering_lock_v1()"
 
 
-def _function_definitions(conn: psycopg.Connection, schema: str) -> dict[str, str]:
+def _definitions(conn: psycopg.Connection, schema: str, signatures: tuple[str, ...]) -> dict[str, str]:
     return {
         signature: conn.execute(
             "SELECT pg_get_functiondef(%s::regprocedure)", [f'"{schema}".{signature}']
         ).fetchone()[0]
-        for signature in PUBLISH_FUNCTIONS
+        for signature in signatures
     }
 
 
+def _assert_publishers_take_lock(conn: psycopg.Connection, schema: str) -> None:
+    """Every way of publishing goes through ordering_lock_v1, which takes the advisory lock."""
+    for signature, definition in _definitions(conn, schema, PUBLISH_FUNCTIONS).items():
+        assert f"{schema}.ordering_lock_v1()" in definition, signature
+    assert "ordering_lock_v1()" in publish_statement(schema, 1)
+    assert "pg_advisory_xact_lock" in _definitions(conn, schema, (LOCK_FUNCTION,))[LOCK_FUNCTION]
+
+
 def _strip_ordering_lock(conn: psycopg.Connection, schema: str) -> None:
-    """Test-only switch: redefine the publish functions of `schema` without the lock."""
-    for signature, definition in _function_definitions(conn, schema).items():
-        lines = definition.splitlines(keepends=True)
-        lock_lines = [line for line in lines if LOCK_CALL in line]
-        assert len(lock_lines) == 1, f"{signature}: expected one {LOCK_CALL} line, found {lock_lines}"
-        conn.execute("".join(line for line in lines if LOCK_CALL not in line))
-    assert not any(LOCK_CALL in d for d in _function_definitions(conn, schema).values())
+    """Test-only switch: make the ordering lock of `schema` a no-op, for every publisher."""
+    _assert_publishers_take_lock(conn, schema)
+    conn.execute(
+        sql.SQL("CREATE OR REPLACE FUNCTION {}.ordering_lock_v1() RETURNS void LANGUAGE sql AS 'SELECT NULL::void'")
+        .format(sql.Identifier(schema))
+    )
+    assert "pg_advisory_xact_lock" not in _definitions(conn, schema, (LOCK_FUNCTION,))[LOCK_FUNCTION]
 
 
 def _add_commit_latency(conn: psycopg.Connection, schema: str) -> None:
@@ -87,6 +100,14 @@ class RaceResult:
         return {name: problems for name, problems in found.items() if problems}
 
 
+def _transaction_sizes(events: int, per_transaction: int) -> list[int]:
+    """Split `events` into transactions that alternate between `per_transaction` events and one."""
+    sizes: list[int] = []
+    while (left := events - sum(sizes)) > 0:
+        sizes.append(min(left, 1 if len(sizes) % 2 else per_transaction))
+    return sizes
+
+
 def _race(log: EventLog, events: int, per_transaction: int) -> RaceResult:
     """Publish `events` from PUBLISHERS threads while four readers follow; return what each saw."""
     start = log.head()
@@ -113,7 +134,7 @@ def _race(log: EventLog, events: int, per_transaction: int) -> RaceResult:
     reader = threading.Thread(target=replay, daemon=True)
     reader.start()
 
-    transactions = iter(range(events // per_transaction))
+    transactions = iter(enumerate(_transaction_sizes(events, per_transaction)))
     take = threading.Lock()
     published: list[int] = []
     failures: list[BaseException] = []
@@ -126,15 +147,21 @@ def _race(log: EventLog, events: int, per_transaction: int) -> RaceResult:
             barrier.wait(WAIT)  # all start together
             while True:
                 with take:
-                    number = next(transactions, None)
+                    number, size = next(transactions, (None, 0))
                 if number is None:
                     return
-                with log.transaction() as tx:
-                    for k in range(per_transaction):
-                        tx.publish(topics, "race", {"publisher": publisher, "transaction": number, "k": k})
-                    time.sleep(rng.uniform(0, 0.02))  # the application's work in its transaction
+                if size == 1:
+                    # One event in its own transaction: EventLog.publish's statement.
+                    ids = [log.publish(topics, "race", {"publisher": publisher, "transaction": number}).id]
+                else:
+                    # Several events in one transaction, through publish_batch_v1 at commit.
+                    with log.transaction() as tx:
+                        for k in range(size):
+                            tx.publish(topics, "race", {"publisher": publisher, "transaction": number, "k": k})
+                        time.sleep(rng.uniform(0, 0.02))  # the application's work in its transaction
+                    ids = [event.id for event in tx.events]
                 with take:
-                    published.extend(event.id for event in tx.events)
+                    published.extend(ids)
         except BaseException as exc:
             failures.append(exc)
 
@@ -144,7 +171,7 @@ def _race(log: EventLog, events: int, per_transaction: int) -> RaceResult:
     for thread in threads:
         thread.join(180)
     assert not failures, failures
-    assert len(published) == events // per_transaction * per_transaction
+    assert len(published) == events, "a publisher lost events"
     end = log.publish(["race", *TOPICS], "end")
 
     result = RaceResult(committed=sorted([*published, end.id]))
@@ -168,7 +195,7 @@ def _race_log(database_url: str, schema: str) -> EventLog:
 @pytest.mark.slow
 def test_ordering_race(database_url, schema):
     with psycopg.connect(database_url, autocommit=True) as conn:
-        assert all(LOCK_CALL in d for d in _function_definitions(conn, schema).values())
+        _assert_publishers_take_lock(conn, schema)
         _add_commit_latency(conn, schema)
     with _race_log(database_url, schema) as log:
         result = _race(log, events=5_000, per_transaction=8)

@@ -63,6 +63,7 @@ def downgrade() -> None:
     op.drop_table("events", schema=schema)
     op.execute(f"DROP FUNCTION IF EXISTS {schema}.reject_change_v1()")
     op.execute(f"DROP FUNCTION IF EXISTS {schema}.channel_v1(text)")
+    op.execute(f"DROP FUNCTION IF EXISTS {schema}.ordering_lock_v1()")
 
 
 def _functions(schema: str) -> list[str]:
@@ -100,14 +101,23 @@ CREATE TRIGGER events_reject_update_delete
 CREATE TRIGGER events_reject_truncate
     BEFORE TRUNCATE ON {schema}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {schema}.reject_change_v1()""",
-        # Publishing one event. Ordering argument: ids come from the identity
-        # sequence when a row is inserted, but transactions commit in any order,
-        # so without a lock id 104 could commit after a reader already saw 105,
-        # and a reader that resumes "after 105" would skip 104 for good. Taking
-        # this transaction-scoped lock before the INSERT means ids are assigned
-        # one transaction at a time and held until that transaction ends, so they
-        # become visible in id order. This must be the last statement of its
-        # transaction: the lock is held until commit.
+        # The ordering lock. Ids come from the identity sequence when a row is
+        # inserted, but transactions commit in any order, so without a lock id 104
+        # could commit after a reader already saw 105, and a reader that resumes
+        # "after 105" would skip 104 for good. Every writer takes this
+        # transaction-scoped lock before its INSERT, so ids are assigned one
+        # transaction at a time and the lock is held until that transaction ends:
+        # ids become visible in id order. Whatever takes it must be the last
+        # statement of its transaction. A SQL function with one expression, so
+        # that the planner inlines it into the statements that call it; the
+        # library's own publish statement (eventlog/_sql.py) calls it too.
+        f"""
+CREATE FUNCTION {schema}.ordering_lock_v1() RETURNS void
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})
+$fn$""",
+        # Publishing one event, for SQL callers; it validates its arguments, since
+        # no library code checked them first.
         f"""
 CREATE FUNCTION {schema}.publish_v1(
     topics text[], type text, data jsonb DEFAULT '{{}}', metadata jsonb DEFAULT '{{}}'
@@ -129,7 +139,7 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
 
-    PERFORM pg_advisory_xact_lock({LOCK_CLASS}, {key});
+    PERFORM {schema}.ordering_lock_v1();
     INSERT INTO {schema}.events AS e (topics, type, data, metadata)
     VALUES (publish_v1.topics, publish_v1.type,
             coalesce(publish_v1.data, '{{}}'), coalesce(publish_v1.metadata, '{{}}'))
@@ -145,8 +155,8 @@ BEGIN
     RETURN NEXT;
 END
 $fn$""",
-        # Publishing many events in one statement, under the same lock and with the
-        # same argument as publish_v1. topics is a JSON array with one array of
+        # Publishing many events in one statement, under the ordering lock.
+        # topics is a JSON array with one array of
         # topics per event; types, data and metadata are parallel arrays.
         f"""
 CREATE FUNCTION {schema}.publish_batch_v1(
@@ -166,7 +176,7 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
 
-    PERFORM pg_advisory_xact_lock({LOCK_CLASS}, {key});
+    PERFORM {schema}.ordering_lock_v1();
     WITH input AS (
         SELECT u.ord,
                ARRAY(SELECT jsonb_array_elements_text(publish_batch_v1.topics -> (u.ord::int - 1))) AS topics,
