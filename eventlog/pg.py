@@ -74,7 +74,7 @@ class _TransactionBase:
         return by_schema(self._in_flight)
 
     def _settle(self, batch: list[Entry], rows: list[Any]) -> None:
-        # publish_batch_v1 assigns ids in input order and returns them ascending.
+        # The batch statement assigns ids in input order and returns them ascending.
         self.events.extend(entry.written(row[0], row[1]) for entry, row in zip(batch, rows))
         logger.debug("wrote %d events to log %r before COMMIT", len(batch), batch[0].schema)
 
@@ -184,7 +184,7 @@ def _sync_transaction(tx: Transaction) -> Iterator[Transaction]:
             yield tx
             for schema, batch in tx._take():
                 with _translated(schema):
-                    rows = conn.execute(statements(schema).publish_batch, _params(batch)).fetchall()
+                    rows = conn.execute(statements(schema).publish_batch, _params(schema, batch)).fetchall()
                 tx._settle(batch, rows)
     except BaseException:
         tx._rolled_back()
@@ -202,7 +202,7 @@ async def _async_transaction(tx: AsyncTransaction) -> AsyncIterator[AsyncTransac
             yield tx
             for schema, batch in tx._take():
                 with _translated(schema):
-                    cur = await conn.execute(statements(schema).publish_batch, _params(batch))
+                    cur = await conn.execute(statements(schema).publish_batch, _params(schema, batch))
                     rows = await cur.fetchall()
                 tx._settle(batch, rows)
     except BaseException:
@@ -224,8 +224,8 @@ def _require_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) 
     )
 
 
-def _params(batch: list[Entry]) -> list[Any]:
-    return publish_batch_params([entry.encoded for entry in batch])
+def _params(schema: str, batch: list[Entry]) -> list[Any]:
+    return publish_batch_params(schema, [entry.encoded for entry in batch])
 
 
 @contextlib.contextmanager

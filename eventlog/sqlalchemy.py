@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 from sqlalchemy.sql.elements import TextClause
 
 from ._outbox import Buffer, Entry, PendingEvent, by_schema, encode_many, encode_one, resolve
-from ._sql import publish_batch_params
+from ._sql import batch_function_params
 from .errors import TransactionStateError, translate
 
 __all__ = ["PendingEvent", "publish", "publish_many"]
@@ -242,7 +242,7 @@ def _batch_statement(schema: str) -> TextClause:
 
 
 def _params(batch: list[Entry]) -> dict[str, Any]:
-    topics, types, data, metadata = publish_batch_params([entry.encoded for entry in batch])
+    topics, types, data, metadata = batch_function_params([entry.encoded for entry in batch])
     return {"topics": topics, "types": types, "data": data, "metadata": metadata}
 
 

@@ -144,3 +144,31 @@ def test_subscription_rung_for_awkward_topics(database_url: str, log: eventlog.E
             for name, topic in topics.items():
                 event = log.publish(topic, "rung")
                 assert sub.next_event(timeout=30) == event, name
+
+
+def test_batch_awkward_topics_round_trip(database_url: str, log: eventlog.EventLog) -> None:
+    # publish_many sends each event's topics as an array literal: quotes,
+    # backslashes, braces, commas and the word NULL must come back unchanged.
+    topics = {
+        **awkward_topics(log.schema),
+        "braces and comma": "{a,b}",
+        "null word": "NULL",
+        "quoted null": '"NULL"',
+        "only backslashes": "\\\\",
+    }
+    channels = {channel_for(topic, log.schema): name for name, topic in topics.items()}
+    every = list(topics.values())
+
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        for channel in channels:
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        batch = log.publish_many([(topic, "rung") for topic in every] + [(every, "all")])
+        single = log.publish(every, "all again")
+        notifies = listener.notifies(timeout=30, stop_after=2 * len(topics))
+        rung = [(channels.get(n.channel, n.channel), int(n.payload)) for n in notifies]
+
+    stored = {event.id: event.topics for event in log.replay(after=batch[0].id - 1)}
+    assert [stored[event.id] for event in batch] == [(topic,) for topic in every] + [tuple(every)]
+    assert stored[single.id] == tuple(every)
+    # One doorbell per channel and transaction, carrying the transaction's last id.
+    assert sorted(rung) == sorted([(name, batch[-1].id) for name in topics] + [(name, single.id) for name in topics])
