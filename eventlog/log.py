@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import reprlib
 import select
 import threading
@@ -121,6 +122,13 @@ async def _check_async(conn: psycopg.AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+def _one_line(exc: BaseException) -> str:
+    # libpq messages span lines ("...failed: Connection refused\n\tIs the server
+    # running..."). They name host, port, user and database but not the password,
+    # which test_password_hidden_when_unreachable checks.
+    return " ".join(str(exc).split())
+
+
 def _topics_filter(topics: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return None if topics is None else validate_topics(topics)
 
@@ -175,12 +183,26 @@ class _LogBase:
     def _translate(self, exc: psycopg.Error) -> EventLogError:
         return translate(exc, self.schema)
 
-    def _pool_failure(self, exc: PoolTimeout) -> ConnectionFailed:
+    def _pool_failure(self, reason: str | None) -> ConnectionFailed:
+        """Explain a pool timeout, given why a direct connection failed (None: it worked)."""
+        url = self.settings.redacted_url()
+        timeout = self.settings.connect_timeout
+        if reason is None:
+            return ConnectionFailed(
+                f"no pooled connection to {url} became free within {timeout:g} s, though the "
+                f"server accepts connections: all {self.settings.pool_max_size} (pool_max_size) "
+                "may be in use. Raise pool_max_size or connect_timeout, or hold connections "
+                "for less time"
+            )
         return ConnectionFailed(
-            f"could not get a connection to {self.settings.redacted_url()} within "
-            f"{self.settings.connect_timeout:g} s ({exc}); check that the server is running "
-            "and the URL is right"
+            f"could not connect to {url} within {timeout:g} s: {reason}; check that the "
+            "server is running and the URL is right"
         )
+
+    def _probe_options(self) -> dict[str, Any]:
+        # One attempt, after the pool's wait, so it is kept short: at most 5 s.
+        # libpq takes whole seconds.
+        return {"connect_timeout": max(1, math.ceil(min(self.settings.connect_timeout, 5)))}
 
     def _listener(self, subscription: Any) -> _listener.Listener:
         with self._listener_lock:
@@ -264,9 +286,17 @@ class EventLog(_LogBase):
             with self._pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise self._pool_failure(exc) from exc
+            raise self._pool_failure(self._connect_error()) from exc
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
+
+    def _connect_error(self) -> str | None:
+        """Return why a new connection fails now, or None if one succeeds."""
+        try:
+            psycopg.Connection.connect(self._conninfo, **self._probe_options()).close()
+        except psycopg.Error as exc:
+            return _one_line(exc)
+        return None
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -432,9 +462,18 @@ class AsyncEventLog(_LogBase):
             async with self._pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise self._pool_failure(exc) from exc
+            raise self._pool_failure(await self._connect_error()) from exc
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
+
+    async def _connect_error(self) -> str | None:
+        """Return why a new connection fails now, or None if one succeeds."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._probe_options())
+        except psycopg.Error as exc:
+            return _one_line(exc)
+        await conn.close()
+        return None
 
     async def publish(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import pytest
 
 import eventlog
@@ -44,3 +46,39 @@ async def test_async_publish_after_backend_terminated(database_url, schema, admi
         _terminate_and_wait(admin, pid)
 
         assert (await log.publish("a", "second")).type == "second"
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def test_connect_failure_gives_reason(database_url, schema):
+    # The pool only reports a timeout; the error must still carry the server's message.
+    url = _with_database(database_url, "no_such_database")
+    with eventlog.EventLog(url, schema=schema, connect_timeout=1.0) as log:
+        with pytest.raises(eventlog.ConnectionFailed) as raised:
+            log.publish("a", "e")
+    message = str(raised.value)
+    assert 'database "no_such_database" does not exist' in message
+    assert message.startswith("could not connect to postgresql://")
+    assert "\n" not in message
+
+
+async def test_async_connect_failure_gives_reason(database_url, schema):
+    url = _with_database(database_url, "no_such_database")
+    async with eventlog.AsyncEventLog(url, schema=schema, connect_timeout=1.0) as log:
+        with pytest.raises(eventlog.ConnectionFailed) as raised:
+            await log.head()
+    assert 'database "no_such_database" does not exist' in str(raised.value)
+
+
+def test_busy_pool_named_as_cause(database_url, schema):
+    with eventlog.EventLog(database_url, schema=schema, pool_min_size=1, pool_max_size=1, connect_timeout=1.0) as log:
+        with log.connection():
+            with pytest.raises(eventlog.ConnectionFailed) as raised:
+                log.publish("a", "e")
+        assert log.publish("a", "after").type == "after"
+    message = str(raised.value)
+    assert "no pooled connection" in message
+    assert "all 1 (pool_max_size) may be in use" in message
