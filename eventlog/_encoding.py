@@ -32,6 +32,7 @@ import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -46,8 +47,8 @@ MAX_TYPE_BYTES = 255
 def validate_topics(topics: str | Iterable[str]) -> tuple[str, ...]:
     """Return `topics` as a tuple without duplicates, in first-seen order."""
     if isinstance(topics, str):
-        topics = (topics,)
-    elif not isinstance(topics, Iterable) or isinstance(topics, (bytes, bytearray, dict)):
+        return (validate_topic(topics),)
+    if not isinstance(topics, Iterable) or isinstance(topics, (bytes, bytearray, dict)):
         raise InvalidTopic(
             f"invalid topics {topics!r}: expected a string or a list of strings",
             topics,
@@ -67,6 +68,13 @@ def validate_topics(topics: str | Iterable[str]) -> tuple[str, ...]:
 def validate_topic(topic: object) -> str:
     if not isinstance(topic, str):
         raise InvalidTopic(f"invalid topic {topic!r}: expected a string", topic)
+    return _checked_topic(topic)
+
+
+# Applications publish to a few topics and types over and over, so the checks of a
+# topic and of a type are cached. A failed check raises, which is not cached.
+@lru_cache(maxsize=4096)
+def _checked_topic(topic: str) -> str:
     if not topic:
         raise InvalidTopic("invalid topic '': a topic must not be empty", topic)
     if "\x00" in topic:
@@ -96,6 +104,11 @@ def validate_type(event_type: object) -> str:
         raise InvalidEventType(
             f"invalid event type {event_type!r}: expected a string", event_type
         )
+    return _checked_type(event_type)
+
+
+@lru_cache(maxsize=4096)
+def _checked_type(event_type: str) -> str:
     if not event_type.strip():
         raise InvalidEventType(
             f"invalid event type {event_type!r}: it must contain a visible character",

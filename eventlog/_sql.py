@@ -216,9 +216,8 @@ class EncodedEvent:
 
     def stored(self, event_id: int, occurred_at: dt.datetime) -> Event:
         """Return the event as readers will see it once it is committed."""
-        return _trusted_event(
-            event_id, self.topics, self.type, json.loads(self.data), json.loads(self.metadata), occurred_at
-        )
+        data, metadata = _decode_json(f"[{self.data},{self.metadata}]")
+        return _trusted_event(event_id, self.topics, self.type, data, metadata, occurred_at)
 
 
 def encode_event(event: NewEvent, max_data_bytes: int) -> EncodedEvent:

@@ -280,15 +280,24 @@ class EventLog(_LogBase):
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        """Borrow a pooled autocommit connection, translating errors on the way out."""
+        """Borrow a pooled autocommit connection, translating errors on the way out.
+
+        A transaction left open on it is rolled back when it returns to the pool.
+        """
         self.open()
         try:
-            with self._pool.connection() as conn:
-                yield conn
+            conn = self._pool.getconn()
         except PoolTimeout as exc:
             raise self._pool_failure(self._connect_error()) from exc
+        # getconn and putconn, not the pool's connection() context manager, which
+        # adds the connection's own context manager (a no-op in autocommit) and
+        # costs about 3.5 us more per publish.
+        try:
+            yield conn
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
+        finally:
+            self._pool.putconn(conn)
 
     def _connect_error(self) -> str | None:
         """Return why a new connection fails now, or None if one succeeds."""
@@ -455,16 +464,24 @@ class AsyncEventLog(_LogBase):
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
-        """Borrow a pooled autocommit connection, translating errors on the way out."""
+        """Borrow a pooled autocommit connection, translating errors on the way out.
+
+        A transaction left open on it is rolled back when it returns to the pool.
+        """
         await self.open()
         assert self._pool is not None
+        pool = self._pool
         try:
-            async with self._pool.connection() as conn:
-                yield conn
+            conn = await pool.getconn()
         except PoolTimeout as exc:
             raise self._pool_failure(await self._connect_error()) from exc
+        # As in EventLog.connection: getconn and putconn, without the context managers.
+        try:
+            yield conn
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
+        finally:
+            await pool.putconn(conn)
 
     async def _connect_error(self) -> str | None:
         """Return why a new connection fails now, or None if one succeeds."""
