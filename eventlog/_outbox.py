@@ -24,7 +24,7 @@ from typing import Any
 
 from ._models import Event, NewEvent
 from ._settings import Settings
-from ._sql import EncodedEvent, encode_event
+from ._sql import EncodedEvent, check_batch_size, encode_event, encoded_chars
 
 __all__ = ["Buffer", "Entry", "PendingEvent", "by_schema", "encode_many", "encode_one", "resolve"]
 
@@ -93,18 +93,24 @@ class Buffer:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self._marks: list[list[Any]] = []  # [key, position], key None until claimed
+        self._chars = 0  # encoded_chars of the entries, kept as they change
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, schema: str, encoded: Sequence[EncodedEvent]) -> list[PendingEvent]:
+        """Buffer events, or raise `DataTooLarge` if the buffer would be too large to write."""
+        chars = self._chars + encoded_chars(encoded)
+        check_batch_size(chars, lambda: [*(entry.encoded for entry in self.entries), *encoded])
         added = [Entry(schema, e, PendingEvent(schema, e.topics, e.type)) for e in encoded]
         self.entries.extend(added)
+        self._chars = chars
         return [entry.pending for entry in added]
 
     def extend(self, entries: list[Entry]) -> None:
         """Take over entries published elsewhere, as if they were published now."""
         self.entries.extend(entries)
+        self._chars += encoded_chars([entry.encoded for entry in entries])
 
     def open_savepoint(self, key: Hashable | None) -> None:
         self._marks.append([key, len(self.entries)])
@@ -114,6 +120,7 @@ class Buffer:
         position = 0 if index is None else self._marks[index][1]
         for entry in self.entries[position:]:
             entry.pending._discarded = True
+        self._chars -= encoded_chars([entry.encoded for entry in self.entries[position:]])
         del self.entries[position:]
         # The savepoint itself survives ROLLBACK TO, but the ones opened after it do not.
         del self._marks[0 if index is None else index + 1 :]
@@ -126,6 +133,7 @@ class Buffer:
         """Remove and return every entry, to be written now."""
         entries, self.entries = self.entries, []
         self._marks.clear()
+        self._chars = 0
         return entries
 
     def discard(self) -> None:

@@ -29,6 +29,7 @@ ENVIRONMENT = {
     "batch_size": "EVENTLOG_BATCH_SIZE",
     "max_data_bytes": "EVENTLOG_MAX_DATA_BYTES",
     "pool_max_size": "EVENTLOG_POOL_MAX_SIZE",
+    "prepared_statements": "EVENTLOG_PREPARED_STATEMENTS",
 }
 
 
@@ -53,6 +54,7 @@ class Settings(BaseModel):
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)
+    prepared_statements: bool = True
 
     @field_validator("schema_name")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -14,7 +14,7 @@ from psycopg import sql
 from ._channels import channel_for
 from ._encoding import encode_data, encode_metadata, validate_topics
 from ._models import Event, NewEvent
-from .errors import InvalidQuery
+from .errors import DataTooLarge, InvalidQuery
 
 EVENT_COLUMNS = "id, topics, type, data, metadata, occurred_at"
 
@@ -218,6 +218,39 @@ class EncodedEvent:
         """Return the event as readers will see it once it is committed."""
         data, metadata = _decode_json(f"[{self.data},{self.metadata}]")
         return _trusted_event(event_id, self.topics, self.type, data, metadata, occurred_at)
+
+
+# The maximum size of one write (publish_many, or a transaction's events). PostgreSQL
+# rejects a protocol message over 1 GB and closes the connection, which looks like
+# a lost connection; the server also holds each array parameter in memory whole.
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+
+def encoded_chars(events: Sequence[EncodedEvent]) -> int:
+    """Return the number of characters of the events' data, metadata and topics."""
+    return sum(len(e.data) + len(e.metadata) + sum(map(len, e.topics)) for e in events)
+
+
+def check_batch_size(chars: int, collect: Callable[[], Sequence[EncodedEvent]]) -> None:
+    """Raise `DataTooLarge` if events are too large to send in one statement.
+
+    `chars` is their `encoded_chars`. `collect` returns the events, and is called
+    only if the character count alone cannot rule out a batch that is too large.
+    """
+    if chars * 4 <= MAX_BATCH_BYTES:  # UTF-8 takes at most 4 bytes per character
+        return
+    events = collect()
+    size = sum(
+        len(e.data.encode()) + len(e.metadata.encode()) + sum(len(t.encode()) for t in e.topics) for e in events
+    )
+    if size > MAX_BATCH_BYTES:
+        raise DataTooLarge(
+            f"{len(events)} events are {size} bytes of JSON and topics, over the limit of "
+            f"{MAX_BATCH_BYTES} bytes for one write; publish them in smaller batches or "
+            "transactions",
+            size,
+            MAX_BATCH_BYTES,
+        )
 
 
 def encode_event(event: NewEvent, max_data_bytes: int) -> EncodedEvent:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Union
 from ._channels import channel_for
 from ._encoding import validate_topics
 from ._models import Event
-from .errors import ConnectionFailed, InvalidQuery, SubscriptionStateError
+from .errors import DatabaseError, InvalidQuery, SubscriptionStateError, is_transient
 
 if TYPE_CHECKING:
     from ._listener import Listener
@@ -323,7 +323,9 @@ class Subscription(_SubscriptionBase):
 
             try:
                 events = self._log._read_batch(step)
-            except ConnectionFailed as exc:
+            except DatabaseError as exc:
+                if not is_transient(exc):
+                    raise
                 failures += 1
                 pause = min(self._log.settings.reconnect_max_delay, 0.1 * 2 ** min(failures, 8))
                 logger.warning("subscription read failed (%s); retrying in %.2f s", exc, pause)
@@ -493,7 +495,9 @@ class AsyncSubscription(_SubscriptionBase):
 
             try:
                 events = await self._log._read_batch(step)
-            except ConnectionFailed as exc:
+            except DatabaseError as exc:
+                if not is_transient(exc):
+                    raise
                 failures += 1
                 pause = min(self._log.settings.reconnect_max_delay, 0.1 * 2 ** min(failures, 8))
                 logger.warning("subscription read failed (%s); retrying in %.2f s", exc, pause)

@@ -19,7 +19,9 @@ Every exception the library raises on purpose derives from `EventLogError`::
 
 Driver errors are translated at one boundary (`translate_errors`), so callers can
 catch these classes without importing psycopg; the original exception stays
-available as ``__cause__``.
+available as ``__cause__``. `ConnectionFailed` means the connection was lost, so a
+write may or may not have committed; any other `DatabaseError` means it did not.
+`is_transient` tells which errors are worth a retry.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 
 import psycopg
 import psycopg.errors
+import psycopg.pq
 
 __all__ = [
     "AppendOnlyViolation",
@@ -45,6 +48,7 @@ __all__ = [
     "InvalidQuery",
     "SubscriptionStateError",
     "TransactionStateError",
+    "is_transient",
 ]
 
 # SQLSTATE raised by the append-only triggers (class 55, "object not in
@@ -130,6 +134,20 @@ class ConnectionFailed(DatabaseError):
     """The database server could not be reached, or the connection was lost."""
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Tell whether the same operation may succeed if it is tried again later.
+
+    True for a lost connection and for errors that leave the connection working:
+    a cancelled statement or timeout (57014, 55P03), a serialization failure or
+    deadlock (class 40) and a lack of resources (class 53).
+    """
+    if isinstance(exc, ConnectionFailed):
+        return True
+    if not isinstance(exc, DatabaseError) or exc.sqlstate is None:
+        return False
+    return exc.sqlstate.startswith(("40", "53")) or exc.sqlstate in ("57014", "55P03")
+
+
 _MISSING_OBJECT_CLASSES = (
     psycopg.errors.UndefinedTable,
     psycopg.errors.UndefinedFunction,
@@ -151,11 +169,32 @@ def translate(exc: psycopg.Error, schema: str) -> EventLogError:
             "run `eventlog migrate` against this database",
             sqlstate,
         )
-    if isinstance(exc, psycopg.OperationalError):
-        # Class 08 (connection exception), 57P (shutdown, terminated backend) and
-        # client-side failures without a SQLSTATE: the caller may retry.
+    if connection_lost(exc):
         return ConnectionFailed(f"database connection failed: {text}", sqlstate)
     return DatabaseError(text, sqlstate)
+
+
+def connection_lost(exc: psycopg.Error) -> bool:
+    """Tell whether `exc` means the connection failed or went away.
+
+    Only then may a statement have committed without the caller hearing of it.
+    psycopg's OperationalError also covers errors after which the connection
+    works and nothing was committed: a cancelled statement (57014), a lock or
+    statement timeout (55P03, 57014), a deadlock (40P01), and class 53 (out of
+    disk, memory or connections).
+    """
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is None:
+        # Raised by the client: the socket closed, a timeout, a failed connect.
+        return isinstance(exc, psycopg.OperationalError)
+    if sqlstate.startswith(("08", "57P")) or sqlstate in ("25P03", "53300"):
+        # Connection exceptions, shutdowns, terminated backends, the idle in
+        # transaction timeout (which ends the session) and too_many_connections.
+        return True
+    pgconn = getattr(exc, "pgconn", None)
+    return pgconn is not None and pgconn.status == psycopg.pq.ConnStatus.BAD
 
 
 @contextlib.contextmanager

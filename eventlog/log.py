@@ -30,8 +30,10 @@ from ._settings import Settings
 from ._sql import (
     EncodedEvent,
     EventFilter,
+    check_batch_size,
     check_limit,
     encode_event,
+    encoded_chars,
     event_from_row,
     load_jsonb,
     publish_batch_params,
@@ -68,8 +70,8 @@ def _as_new_event(item: EventLike) -> NewEvent:
 # Reads run with prepare=False: a prepared read may switch to a generic plan that
 # does not know how rare a topic is and scans the primary key through the whole log
 # (tests/test_replay.py::test_plan_after_many_reads). Publishing has no such choice
-# to make, so its statements are prepared at once, which saves parsing and planning
-# on every call.
+# to make, so its statements are prepared at once (unless the prepared_statements
+# setting is off), which saves parsing and planning on every call.
 _POOL_CONNECTION_OPTIONS = {
     "autocommit": True,
     "application_name": "eventlog",
@@ -157,6 +159,10 @@ class _LogBase:
             settings = Settings.model_validate(settings.model_dump())
         self.settings = settings
         self._conninfo = settings.conninfo()
+        # True: prepare publish statements at once; False: never (a pooler that
+        # does not keep prepared statements, such as PgBouncer in transaction mode
+        # before 1.21).
+        self._prepare = settings.prepared_statements
         self._listener_lock = threading.Lock()
         self._listener_ref: _listener.Listener | None = None
         self._listener_users = 0
@@ -168,12 +174,20 @@ class _LogBase:
     def schema(self) -> str:
         return self.settings.schema_name
 
+    def _pool_options(self) -> dict[str, Any]:
+        if self._prepare:
+            return _POOL_CONNECTION_OPTIONS
+        # Also for statements that do not choose, such as a transaction's write.
+        return {**_POOL_CONNECTION_OPTIONS, "prepare_threshold": None}
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.settings.redacted_url()} schema={self.schema!r}>"
 
     def _encode(self, events: Iterable[EventLike]) -> list[EncodedEvent]:
         limit = self.settings.max_data_bytes
-        return [encode_event(_as_new_event(e), limit) for e in events]
+        encoded = [encode_event(_as_new_event(e), limit) for e in events]
+        check_batch_size(encoded_chars(encoded), lambda: encoded)
+        return encoded
 
     def _encode_one(
         self, topics: str | Iterable[str], type: str, data: Any, metadata: dict[str, Any] | None
@@ -247,7 +261,7 @@ class EventLog(_LogBase):
             self._conninfo,
             min_size=self.settings.pool_min_size,
             max_size=self.settings.pool_max_size,
-            kwargs=_POOL_CONNECTION_OPTIONS,
+            kwargs=self._pool_options(),
             configure=_configure,
             check=_check,
             timeout=self.settings.connect_timeout,
@@ -320,7 +334,7 @@ class EventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         with self.connection() as conn:
-            row = conn.execute(*publish_call(self.schema, encoded), prepare=True).fetchone()
+            row = conn.execute(*publish_call(self.schema, encoded), prepare=self._prepare).fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
 
@@ -331,7 +345,7 @@ class EventLog(_LogBase):
             return []
         with self.connection() as conn:
             rows = conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=True
+                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=self._prepare
             ).fetchall()
         return stored_events(encoded, rows)
 
@@ -341,7 +355,9 @@ class EventLog(_LogBase):
 
         It runs on `connection` if given (a connection the application owns, not
         in a transaction yet; see `eventlog.pg.transaction`), else on a
-        connection from the log's pool.
+        connection from the log's pool. On a pooled connection every database
+        error comes out as an eventlog exception, as with `connection()`; on the
+        application's own connection see `eventlog.pg` for which do.
         """
         schema, limit = self.schema, self.settings.max_data_bytes
         if connection is not None:
@@ -438,7 +454,7 @@ class AsyncEventLog(_LogBase):
                 self._conninfo,
                 min_size=self.settings.pool_min_size,
                 max_size=self.settings.pool_max_size,
-                kwargs=_POOL_CONNECTION_OPTIONS,
+                kwargs=self._pool_options(),
                 configure=_configure_async,
                 check=_check_async,
                 timeout=self.settings.connect_timeout,
@@ -503,7 +519,7 @@ class AsyncEventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         async with self.connection() as conn:
-            cur = await conn.execute(*publish_call(self.schema, encoded), prepare=True)
+            cur = await conn.execute(*publish_call(self.schema, encoded), prepare=self._prepare)
             row = await cur.fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
@@ -515,7 +531,7 @@ class AsyncEventLog(_LogBase):
             return []
         async with self.connection() as conn:
             cur = await conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=True
+                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=self._prepare
             )
             rows = await cur.fetchall()
         return stored_events(encoded, rows)

@@ -15,7 +15,15 @@ For code that works with psycopg directly, without SQLAlchemy::
 in one statement right before its COMMIT, so the log's ordering lock is held
 only for the commit (see `eventlog._outbox`). So the connection must not be in
 a transaction already. For a nested block, use `tx.savepoint()`: if the block
-raises, its events are dropped with its rows.
+raises, its events are dropped with its rows. Publishing inside the connection's
+own ``conn.transaction()`` block raises `TransactionStateError`, because eventlog
+cannot see that savepoint roll back. ``SAVEPOINT`` and ``ROLLBACK TO`` sent as SQL
+are not seen at all: do not publish between them.
+
+Errors of the final write come out as eventlog exceptions (`eventlog.errors`),
+and so does a connection lost during COMMIT (`ConnectionFailed`: the events may
+or may not have been committed). Other errors, from the application's own
+statements or from its deferred constraints at COMMIT, pass through unchanged.
 
 With an `AsyncConnection`, use ``async with pg.transaction(aconn) as tx`` and
 ``async with tx.savepoint()``.
@@ -34,7 +42,7 @@ from psycopg import pq
 from ._models import Event
 from ._outbox import Buffer, Entry, PendingEvent, by_schema, encode_many, encode_one, resolve
 from ._sql import publish_batch_params, statements
-from .errors import TransactionStateError, translate
+from .errors import ConnectionFailed, TransactionStateError, connection_lost, translate
 
 __all__ = ["AsyncTransaction", "PendingEvent", "Transaction", "transaction"]
 
@@ -49,6 +57,28 @@ class _TransactionBase:
         self._max_data_bytes = max_data_bytes
         self._buffer = Buffer()
         self._in_flight: list[Entry] = []
+        self._ended = False
+        self._depth: int | None = None  # psycopg's count of open transaction blocks
+        self._savepoints = 0
+
+    def _opened(self) -> None:
+        # psycopg counts its open transaction() blocks in a private attribute; if
+        # a psycopg release drops it, the check of nested blocks is skipped.
+        self._depth = getattr(self.connection, "_num_transactions", None)
+
+    def _check_open(self) -> None:
+        if self._ended:
+            raise TransactionStateError(
+                "this transaction has ended, so an event published now would never be "
+                "written: publish inside the with block, or open a new transaction"
+            )
+        depth = getattr(self.connection, "_num_transactions", None)
+        if self._depth is not None and depth is not None and depth > self._depth + self._savepoints:
+            raise TransactionStateError(
+                "publishing inside the connection's own transaction() block: eventlog "
+                "cannot see when psycopg rolls that savepoint back, and would write the "
+                "event anyway. Use tx.savepoint() for a nested block that publishes"
+            )
 
     def publish(
         self,
@@ -59,11 +89,13 @@ class _TransactionBase:
         metadata: dict[str, Any] | None = None,
     ) -> PendingEvent:
         """Buffer an event; it is validated now and written at commit."""
+        self._check_open()
         encoded = encode_one(topics, type, data, metadata, self._max_data_bytes)
         return self._buffer.add(self.schema, encoded)[0]
 
     def publish_many(self, events: Iterable[Any]) -> list[PendingEvent]:
         """Buffer several events, in order; if one is invalid, none is buffered."""
+        self._check_open()
         return self._buffer.add(self.schema, encode_many(events, self._max_data_bytes))
 
     def __repr__(self) -> str:
@@ -100,6 +132,7 @@ class Transaction(_TransactionBase):
         """Open a savepoint; if the block raises, its events are dropped with its rows."""
         key = object()
         self._buffer.open_savepoint(key)
+        self._savepoints += 1
         try:
             with self.connection.transaction():
                 try:
@@ -109,6 +142,7 @@ class Transaction(_TransactionBase):
                     self._buffer.rollback_savepoint(key)
                     raise
         finally:
+            self._savepoints -= 1
             self._buffer.release_savepoint(key)
 
 
@@ -122,6 +156,7 @@ class AsyncTransaction(_TransactionBase):
         """Open a savepoint; if the block raises, its events are dropped with its rows."""
         key = object()
         self._buffer.open_savepoint(key)
+        self._savepoints += 1
         try:
             async with self.connection.transaction():
                 try:
@@ -130,6 +165,7 @@ class AsyncTransaction(_TransactionBase):
                     self._buffer.rollback_savepoint(key)
                     raise
         finally:
+            self._savepoints -= 1
             self._buffer.release_savepoint(key)
 
 
@@ -175,20 +211,34 @@ def transaction(
     )
 
 
+# Both functions below raise eventlog exceptions for errors of their own write,
+# and ConnectionFailed if the connection is lost during COMMIT, when the events
+# may or may not have been committed. Other errors, such as the application's
+# own statements or deferred constraints failing at COMMIT, pass unchanged.
+
+
 @contextlib.contextmanager
 def _sync_transaction(tx: Transaction) -> Iterator[Transaction]:
     conn = tx.connection
     _require_idle(conn)
+    committing = False
     try:
         with conn.transaction():
+            tx._opened()
             yield tx
+            tx._ended = True
             for schema, batch in tx._take():
                 with _translated(schema):
                     rows = conn.execute(statements(schema).publish_batch, _params(schema, batch)).fetchall()
                 tx._settle(batch, rows)
-    except BaseException:
-        tx._rolled_back()
+            committing = True
+    except BaseException as exc:
+        lost = _rolled_back(tx, exc, committing)
+        if lost is not None:
+            raise lost from exc
         raise
+    finally:
+        tx._ended = True
     if tx._buffer:
         tx._rolled_back()  # psycopg.Rollback ended the block: psycopg swallows it
 
@@ -197,19 +247,37 @@ def _sync_transaction(tx: Transaction) -> Iterator[Transaction]:
 async def _async_transaction(tx: AsyncTransaction) -> AsyncIterator[AsyncTransaction]:
     conn = tx.connection
     _require_idle(conn)
+    committing = False
     try:
         async with conn.transaction():
+            tx._opened()
             yield tx
+            tx._ended = True
             for schema, batch in tx._take():
                 with _translated(schema):
                     cur = await conn.execute(statements(schema).publish_batch, _params(schema, batch))
                     rows = await cur.fetchall()
                 tx._settle(batch, rows)
-    except BaseException:
-        tx._rolled_back()
+            committing = True
+    except BaseException as exc:
+        lost = _rolled_back(tx, exc, committing)
+        if lost is not None:
+            raise lost from exc
         raise
+    finally:
+        tx._ended = True
     if tx._buffer:
         tx._rolled_back()  # psycopg.Rollback ended the block: psycopg swallows it
+
+
+def _rolled_back(tx: _TransactionBase, exc: BaseException, committing: bool) -> ConnectionFailed | None:
+    """Mark the events discarded; return ConnectionFailed if `exc` lost the connection at COMMIT."""
+    tx._rolled_back()
+    if committing and isinstance(exc, psycopg.Error) and connection_lost(exc):
+        lost = translate(exc, tx.schema)
+        assert isinstance(lost, ConnectionFailed)
+        return lost
+    return None
 
 
 def _require_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:

@@ -82,3 +82,29 @@ def test_busy_pool_named_as_cause(database_url, schema):
     message = str(raised.value)
     assert "no pooled connection" in message
     assert "all 1 (pool_max_size) may be in use" in message
+
+
+def _prepared_count(log) -> int:
+    with log.connection() as conn:
+        return conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_prepared_statements_setting(database_url, schema, monkeypatch, prepared):
+    # Off, for a pooler in transaction mode that does not carry prepared statements
+    # from one transaction to the next: nothing may be prepared on the server.
+    monkeypatch.setenv("EVENTLOG_PREPARED_STATEMENTS", str(prepared).lower())
+    with eventlog.EventLog(database_url, schema=schema, pool_min_size=1, pool_max_size=1) as log:
+        assert log.settings.prepared_statements is prepared
+        for number in range(8):  # more than psycopg's default threshold of 5
+            log.publish(["a", "b"][: 1 + number % 2], "single")
+            log.publish_many([("a", "batch"), ("b", "batch")])
+            with log.transaction() as tx:
+                tx.publish("a", "in a transaction")
+        count = _prepared_count(log)
+        assert len(log.read(limit=100)) == 32
+
+    if prepared:
+        assert count >= 3
+    else:
+        assert count == 0
