@@ -13,6 +13,11 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
+# The SQL functions enforce the library's limits. NOTE: a database keeps the
+# limits of the revision that created its functions, so a changed limit needs a
+# new revision that replaces them.
+from eventlog._encoding import MAX_TOPIC_BYTES, MAX_TOPICS_PER_EVENT, MAX_TYPE_BYTES
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -21,6 +26,16 @@ depends_on = None
 # Namespace of the two-key advisory lock that orders publishing ("evlg" in ASCII);
 # the second key is derived from the schema name, so each log has its own lock.
 LOCK_CLASS = 0x65766C67
+
+# The characters for which Python's str.isspace() is true (29 in Python 3.11),
+# as escapes for a bracket expression of a PostgreSQL regular expression. They
+# are spelt out because [[:space:]] depends on the database's locale, and under
+# the C locale it matches neither U+001C to U+001F nor U+00A0. A test compares
+# this list with str.isspace() over every code point.
+WHITESPACE = (
+    r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a"
+    r"\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 def lock_key(schema: str) -> int:
@@ -116,8 +131,11 @@ CREATE FUNCTION {schema}.ordering_lock_v1() RETURNS void
 LANGUAGE sql VOLATILE AS $fn$
     SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})
 $fn$""",
-        # Publishing one event, for SQL callers; it validates its arguments, since
-        # no library code checked them first.
+        # Publishing one event, for SQL callers. No library code checked the
+        # arguments first, so it applies the rules of eventlog._encoding itself
+        # (see _topic_problem and _type_problem) and stores each topic once, in
+        # first-seen order. The checks come before the ordering lock, so that a
+        # rejected call never takes it.
         f"""
 CREATE FUNCTION {schema}.publish_v1(
     topics text[], type text, data jsonb DEFAULT '{{}}', metadata jsonb DEFAULT '{{}}'
@@ -125,30 +143,47 @@ CREATE FUNCTION {schema}.publish_v1(
 LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 DECLARE
+    unique_topics text[];
+    error_message text;
     new_id bigint;
     new_time timestamptz;
 BEGIN
-    IF publish_v1.topics IS NULL OR cardinality(publish_v1.topics) = 0
-       OR array_position(publish_v1.topics, NULL) IS NOT NULL
-       OR array_position(publish_v1.topics, '') IS NOT NULL THEN
-        RAISE EXCEPTION 'invalid topics %: pass one or more non-empty topics', publish_v1.topics
-            USING ERRCODE = '22023';
+    IF publish_v1.topics IS NULL OR cardinality(publish_v1.topics) = 0 THEN
+        error_message := 'no topic given: an event needs at least one topic';
+    ELSIF array_ndims(publish_v1.topics) > 1 THEN
+        error_message := format('invalid topics %s: expected a one-dimensional array',
+                                {_shortened("publish_v1.topics::text")});
+    ELSE
+        SELECT (SELECT p.problem
+                FROM unnest(publish_v1.topics) WITH ORDINALITY AS x(topic, pos),
+                     LATERAL (SELECT {_topic_problem("x.topic", "''")}) AS p(problem)
+                WHERE p.problem IS NOT NULL
+                ORDER BY x.pos
+                LIMIT 1),
+               ARRAY(SELECT x.topic
+                     FROM unnest(publish_v1.topics) WITH ORDINALITY AS x(topic, pos)
+                     GROUP BY x.topic
+                     ORDER BY min(x.pos))
+        INTO error_message, unique_topics;
+        error_message := coalesce(
+            error_message,
+            {_topic_count_problem("cardinality(unique_topics)", "''")},
+            {_type_problem("publish_v1.type", "''")});
     END IF;
-    IF coalesce(btrim(publish_v1.type), '') = '' THEN
-        RAISE EXCEPTION 'invalid event type %: it must not be empty', quote_nullable(publish_v1.type)
-            USING ERRCODE = '22023';
+    IF error_message IS NOT NULL THEN
+        RAISE EXCEPTION '%', error_message USING ERRCODE = '22023';
     END IF;
 
     PERFORM {schema}.ordering_lock_v1();
     INSERT INTO {schema}.events AS e (topics, type, data, metadata)
-    VALUES (publish_v1.topics, publish_v1.type,
+    VALUES (unique_topics, publish_v1.type,
             coalesce(publish_v1.data, '{{}}'), coalesce(publish_v1.metadata, '{{}}'))
     RETURNING e.id, e.occurred_at INTO new_id, new_time;
 
     -- A doorbell, not a message: the payload is only the new id, as a hint.
     PERFORM pg_notify(c.channel, new_id::text)
     FROM (SELECT DISTINCT {schema}.channel_v1(t) AS channel
-          FROM unnest(publish_v1.topics) AS t) AS c;
+          FROM unnest(unique_topics) AS t) AS c;
 
     id := new_id;
     occurred_at := new_time;
@@ -156,8 +191,10 @@ BEGIN
 END
 $fn$""",
         # Publishing many events in one statement, under the ordering lock.
-        # topics is a JSON array with one array of
-        # topics per event; types, data and metadata are parallel arrays.
+        # topics is a JSON array with one array of topics per event; types, data
+        # and metadata are parallel arrays. Each event gets the checks of
+        # publish_v1, before the lock, and an error names the first invalid event
+        # by its position, counted from 1 as in the SQL arrays.
         f"""
 CREATE FUNCTION {schema}.publish_batch_v1(
     topics jsonb, types text[], data jsonb[], metadata jsonb[]
@@ -165,21 +202,80 @@ CREATE FUNCTION {schema}.publish_batch_v1(
 LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 DECLARE
+    batch_topics jsonb := publish_batch_v1.topics;
+    has_duplicates boolean;
+    error_message text;
     ids bigint[];
     times timestamptz[];
 BEGIN
-    IF jsonb_typeof(publish_batch_v1.topics) IS DISTINCT FROM 'array'
-       OR jsonb_array_length(publish_batch_v1.topics) <> coalesce(cardinality(publish_batch_v1.types), 0)
+    IF jsonb_typeof(publish_batch_v1.topics) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'invalid batch topics %: expected a JSON array with one array of topics per event',
+            coalesce({_shortened("publish_batch_v1.topics::text")}, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_array_length(publish_batch_v1.topics) <> coalesce(cardinality(publish_batch_v1.types), 0)
        OR cardinality(publish_batch_v1.types) <> cardinality(publish_batch_v1.data)
        OR cardinality(publish_batch_v1.types) <> cardinality(publish_batch_v1.metadata) THEN
-        RAISE EXCEPTION 'invalid batch: topics, types, data and metadata must have one entry per event'
+        RAISE EXCEPTION 'invalid batch: topics, types, data and metadata must have one entry per event, not %, %, % and %',
+            jsonb_array_length(publish_batch_v1.topics), cardinality(publish_batch_v1.types),
+            cardinality(publish_batch_v1.data), cardinality(publish_batch_v1.metadata)
             USING ERRCODE = '22023';
+    END IF;
+
+    -- One pass over the events finds the first problem, in the order of the
+    -- batch, and whether any event names a topic twice.
+    SELECT (array_agg(c.problem ORDER BY c.ord) FILTER (WHERE c.problem IS NOT NULL))[1],
+           coalesce(bool_or(c.repeats), false)
+    INTO error_message, has_duplicates
+    FROM (
+        SELECT e.ord,
+               t.distinct_topics < t.all_topics AS repeats,
+               coalesce(
+                   CASE
+                       WHEN jsonb_typeof(e.event_topics) <> 'array' THEN format(
+                           'invalid topics %s%s: expected a JSON array of strings',
+                           {_shortened("e.event_topics::text")}, {_EVENT_PLACE})
+                       WHEN t.all_topics = 0 THEN format(
+                           'no topic given%s: an event needs at least one topic', {_EVENT_PLACE})
+                   END,
+                   t.first_problem,
+                   {_topic_count_problem("t.distinct_topics", _EVENT_PLACE)},
+                   {_type_problem("e.event_type", _EVENT_PLACE)}) AS problem
+        FROM ROWS FROM (jsonb_array_elements(publish_batch_v1.topics), unnest(publish_batch_v1.types))
+                 WITH ORDINALITY AS e(event_topics, event_type, ord),
+             LATERAL (
+                 SELECT count(*) AS all_topics,
+                        count(DISTINCT x.topic) AS distinct_topics,
+                        (array_agg(p.problem ORDER BY x.pos)
+                             FILTER (WHERE p.problem IS NOT NULL))[1] AS first_problem
+                 FROM jsonb_array_elements(
+                          CASE WHEN jsonb_typeof(e.event_topics) = 'array' THEN e.event_topics END)
+                          WITH ORDINALITY AS x(topic, pos),
+                      LATERAL (SELECT {_topic_element_problem("x.topic", _EVENT_PLACE)}) AS p(problem)
+             ) AS t
+    ) AS c;
+    IF error_message IS NOT NULL THEN
+        RAISE EXCEPTION '%', error_message USING ERRCODE = '22023';
+    END IF;
+
+    -- Each event keeps the first of its equal topics. The Python library sends
+    -- topics without duplicates, so only other callers' batches take this path.
+    IF has_duplicates THEN
+        SELECT jsonb_agg(u.unique_topics ORDER BY e.ord)
+        INTO batch_topics
+        FROM jsonb_array_elements(publish_batch_v1.topics) WITH ORDINALITY AS e(event_topics, ord),
+             LATERAL (
+                 SELECT jsonb_agg(f.topic ORDER BY f.pos) AS unique_topics
+                 FROM (SELECT x.topic, min(x.pos) AS pos
+                       FROM jsonb_array_elements_text(e.event_topics) WITH ORDINALITY AS x(topic, pos)
+                       GROUP BY x.topic) AS f
+             ) AS u;
     END IF;
 
     PERFORM {schema}.ordering_lock_v1();
     WITH input AS (
         SELECT u.ord,
-               ARRAY(SELECT jsonb_array_elements_text(publish_batch_v1.topics -> (u.ord::int - 1))) AS topics,
+               ARRAY(SELECT jsonb_array_elements_text(batch_topics -> (u.ord::int - 1))) AS topics,
                u.type, u.data, u.metadata
         FROM unnest(publish_batch_v1.types, publish_batch_v1.data, publish_batch_v1.metadata)
              WITH ORDINALITY AS u(type, data, metadata, ord)
@@ -194,9 +290,9 @@ BEGIN
     INTO ids, times
     FROM inserted AS ins;
 
-    -- Distinct topics first: PostgreSQL does not inline channel_v1 (a STRICT
-    -- SQL function with a CASE body), so each call costs about 4 microseconds,
-    -- and a batch has at least one topic per event.
+    -- Distinct topics first, so that channel_v1 (a regular expression match,
+    -- and a SHA-256 hash for some topics) runs once per topic of the batch,
+    -- not once per event that names it.
     PERFORM pg_notify(c.channel, ids[cardinality(ids)]::text)
     FROM (SELECT DISTINCT {schema}.channel_v1(d.t) AS channel
           FROM (SELECT DISTINCT t
@@ -207,3 +303,75 @@ BEGIN
 END
 $fn$""",
     ]
+
+
+# SQL expressions for the checks of publish_v1 and publish_batch_v1. Each returns
+# the error message for the value it checks, or NULL when the value is valid.
+# `place` is a SQL text expression that follows the value in the message, '' for
+# publish_v1 and the event's position for publish_batch_v1.
+
+# The position of event e.ord in publish_batch_v1's message, such as " in event 3 of 5".
+_EVENT_PLACE = "format(' in event %s of %s', e.ord, cardinality(publish_batch_v1.types))"
+
+
+def _topic_problem(topic: str, place: str) -> str:
+    """Return a SQL expression that checks the text expression `topic` as validate_topic does.
+
+    validate_topic also rejects a NUL character and a lone surrogate, which
+    PostgreSQL text cannot contain.
+    """
+    size = f"octet_length(convert_to({topic}, 'UTF8'))"
+    return f"""CASE
+        WHEN {topic} IS NULL THEN format('invalid topic NULL%s: expected a string', {place})
+        WHEN {topic} = '' THEN format('invalid topic ""%s: a topic must not be empty', {place})
+        WHEN {size} > {MAX_TOPIC_BYTES} THEN format(
+            'invalid topic %s%s: %s bytes in UTF-8, the maximum is {MAX_TOPIC_BYTES}',
+            {_shown(topic)}, {place}, {size})
+    END"""
+
+
+def _topic_element_problem(element: str, place: str) -> str:
+    """Return a SQL expression that checks `element`, a jsonb topic of a batch."""
+    return f"""CASE
+        WHEN jsonb_typeof({element}) <> 'string' THEN format(
+            'invalid topic %s%s: expected a JSON string', {_shortened(f"{element}::text")}, {place})
+        ELSE {_topic_problem(f"({element} #>> '{{}}')", place)}
+    END"""
+
+
+def _topic_count_problem(distinct_topics: str, place: str) -> str:
+    """Return a SQL expression that checks the number of distinct topics as validate_topics does."""
+    return f"""CASE WHEN {distinct_topics} > {MAX_TOPICS_PER_EVENT} THEN format(
+        'too many topics (%s distinct)%s: an event may have at most {MAX_TOPICS_PER_EVENT}',
+        {distinct_topics}, {place}) END"""
+
+
+def _type_problem(event_type: str, place: str) -> str:
+    """Return a SQL expression that checks the text expression `event_type` as validate_type does.
+
+    A type of only WHITESPACE characters is what Python's str.strip() leaves
+    empty. validate_type also rejects a NUL character and a lone surrogate,
+    which PostgreSQL text cannot contain.
+    """
+    size = f"octet_length(convert_to({event_type}, 'UTF8'))"
+    return f"""CASE
+        WHEN {event_type} IS NULL THEN format('invalid event type NULL%s: expected a string', {place})
+        WHEN {event_type} ~ '^[{WHITESPACE}]*$' THEN format(
+            'invalid event type %s%s: it must contain a visible character', {_shown(event_type)}, {place})
+        WHEN {size} > {MAX_TYPE_BYTES} THEN format(
+            'invalid event type %s%s: %s bytes in UTF-8, the maximum is {MAX_TYPE_BYTES}',
+            {_shown(event_type)}, {place}, {size})
+    END"""
+
+
+def _shown(text: str) -> str:
+    """Return a SQL expression for the text expression `text` as an error message quotes it.
+
+    A JSON string, so that a tab or a newline shows as \\t or \\n.
+    """
+    return f"to_json({_shortened(text)})::text"
+
+
+def _shortened(text: str) -> str:
+    """Return a SQL expression that shortens `text` to 80 characters, as _encoding._shorten does."""
+    return f"CASE WHEN length({text}) <= 80 THEN {text} ELSE left({text}, 77) || '...' END"
