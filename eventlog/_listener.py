@@ -247,7 +247,7 @@ class Listener:
             self._connected = True
             listening = len(self._listening)
         logger.info(
-            "listener %s, listening on %d channels (backend pid %d)",
+            "listener %s, listening on %d channel(s) (backend pid %d)",
             "connected" if self.connections == 1 else "reconnected", listening, pgconn.backend_pid,
         )
         # Notifications sent while no LISTEN was in effect are lost (before the

@@ -13,6 +13,10 @@ from .errors import ConfigurationError
 
 DEFAULT_SCHEMA = "eventlog"
 MAX_DATA_BYTES = 1024 * 1024
+# The highest max_data_bytes: data and metadata of one event must fit in one write
+# (256 MiB, eventlog._sql.MAX_BATCH_BYTES), and a jsonb value in PostgreSQL's limit
+# of 256 MB.
+MAX_DATA_BYTES_LIMIT = 128 * 1024 * 1024
 
 # Lower-case identifiers only, so the schema never needs quoting in SQL that other
 # tools write by hand. Channel names start with the schema name and must fit in 63
@@ -50,7 +54,7 @@ class Settings(BaseModel):
     reconnect_initial_delay: float = Field(default=0.1, gt=0)
     reconnect_max_delay: float = Field(default=10.0, gt=0)
     batch_size: int = Field(default=500, ge=1, le=100_000)
-    max_data_bytes: int = Field(default=MAX_DATA_BYTES, ge=1)
+    max_data_bytes: int = Field(default=MAX_DATA_BYTES, ge=1, le=MAX_DATA_BYTES_LIMIT)
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)

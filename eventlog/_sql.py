@@ -222,7 +222,7 @@ class EncodedEvent:
 
 # The maximum size of one write (publish_many, or a transaction's events). PostgreSQL
 # rejects a protocol message over 1 GB and closes the connection, which looks like
-# a lost connection; the server also holds each array parameter in memory whole.
+# a lost connection. The server also keeps each array parameter in memory whole.
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 
 
@@ -244,10 +244,14 @@ def check_batch_size(chars: int, collect: Callable[[], Sequence[EncodedEvent]]) 
         len(e.data.encode()) + len(e.metadata.encode()) + sum(len(t.encode()) for t in e.topics) for e in events
     )
     if size > MAX_BATCH_BYTES:
+        advice = (
+            "publish them in smaller batches or transactions"
+            if len(events) > 1
+            else "store large payloads elsewhere and publish a reference"
+        )
         raise DataTooLarge(
-            f"{len(events)} events are {size} bytes of JSON and topics, over the limit of "
-            f"{MAX_BATCH_BYTES} bytes for one write; publish them in smaller batches or "
-            "transactions",
+            f"{len(events)} event(s) take {size} bytes of JSON and topics, over the limit "
+            f"of {MAX_BATCH_BYTES} bytes for one write; {advice}",
             size,
             MAX_BATCH_BYTES,
         )

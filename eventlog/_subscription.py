@@ -110,7 +110,7 @@ class SubscriptionCore:
             )
         self.state = SubscriptionState.CATCHING_UP
         logger.info(
-            "subscription to %d topics catching up after id %d", len(self.topics), self.cursor
+            "subscription to %d topic(s) catching up after id %d", len(self.topics), self.cursor
         )
 
     def require(self, *states: SubscriptionState) -> None:
@@ -247,6 +247,10 @@ class Subscription(_SubscriptionBase):
         with self._lock:
             if self._core.state is not SubscriptionState.INITIAL:
                 self._core.require(SubscriptionState.INITIAL)
+            # A pooled connection first: a wrong URL or password then fails at once,
+            # before the wait for LISTEN, which would only time out.
+            with self._log.connection():
+                pass
             self._listener = self._log._listener(self)
             try:
                 self._listen(self._core.topics)
@@ -411,6 +415,8 @@ class AsyncSubscription(_SubscriptionBase):
 
     async def open(self) -> AsyncSubscription:
         self._core.require(SubscriptionState.INITIAL)
+        async with self._log.connection():  # fail fast, as in Subscription.open
+            pass
         self._bell = _LoopDoorbell(self._core, asyncio.get_running_loop())
         self._listener = self._log._listener(self)
         try:

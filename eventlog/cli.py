@@ -578,6 +578,8 @@ def run_publish(args: argparse.Namespace) -> int:
     if args.data == "-" and args.metadata == "-":
         raise UsageError("only one of --data and --metadata can read stdin")
     data = _json_option("--data", args.data)
+    if data is None:
+        raise UsageError("argument --data: null is not allowed as event data; pass {} for empty data")
     metadata = None
     if args.metadata is not None:
         metadata = _json_option("--metadata", args.metadata)
@@ -602,8 +604,14 @@ def _json_option(option: str, value: str) -> Any:
     def reject_constant(name: str) -> NoReturn:
         raise UsageError(f"argument {source}: invalid JSON: {name} is not a JSON number")
 
+    def finite_float(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):
+            raise UsageError(f"argument {source}: the number {_shorten(text)} is too large for a double")
+        return number
+
     try:
-        return json.loads(value, parse_constant=reject_constant)
+        return json.loads(value, parse_constant=reject_constant, parse_float=finite_float)
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"argument {source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"

@@ -140,6 +140,10 @@ def is_transient(exc: BaseException) -> bool:
     True for a lost connection and for errors that leave the connection working:
     a cancelled statement or timeout (57014, 55P03), a serialization failure or
     deadlock (class 40) and a lack of resources (class 53).
+
+    NOTE: libpq gives no SQLSTATE for a failed connection attempt, so a wrong
+    password or database name cannot be distinguished from a server that is down: both
+    count as transient.
     """
     if isinstance(exc, ConnectionFailed):
         return True
@@ -164,9 +168,10 @@ def translate(exc: psycopg.Error, schema: str) -> EventLogError:
         hint = getattr(getattr(exc, "diag", None), "message_hint", None)
         return AppendOnlyViolation(f"{text}. {hint}" if hint else text, sqlstate)
     if isinstance(exc, _MISSING_OBJECT_CLASSES):
+        command = "eventlog migrate" if schema == "eventlog" else f"eventlog migrate --schema {schema}"
         return SchemaNotFound(
             f"event log schema {schema!r} is missing or incomplete ({text}); "
-            "run `eventlog migrate` against this database",
+            f"run `{command}` against this database",
             sqlstate,
         )
     if connection_lost(exc):

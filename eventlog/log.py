@@ -197,20 +197,29 @@ class _LogBase:
     def _translate(self, exc: psycopg.Error) -> EventLogError:
         return translate(exc, self.schema)
 
-    def _pool_failure(self, reason: str | None) -> ConnectionFailed:
-        """Explain a pool timeout, given why a direct connection failed (None: it worked)."""
+    def _pool_failure(self, error: psycopg.Error | None) -> ConnectionFailed:
+        """Explain a pool timeout, given the error of a direct connection (None: it worked)."""
         url = self.settings.redacted_url()
         timeout = self.settings.connect_timeout
-        if reason is None:
+        if error is None:
             return ConnectionFailed(
                 f"no pooled connection to {url} became free within {timeout:g} s, though the "
                 f"server accepts connections: all {self.settings.pool_max_size} (pool_max_size) "
                 "may be in use. Raise pool_max_size or connect_timeout, or hold connections "
                 "for less time"
             )
+        return self._connect_failure(error)
+
+    def _connect_failure(self, error: psycopg.Error) -> ConnectionFailed:
+        """Return ConnectionFailed for the error of a direct connection, with advice."""
+        reason = _one_line(error)
+        if "Is the server running" in reason:
+            advice = "check the host and port in the URL"  # libpq asked the rest already
+        else:
+            advice = "check that the server is running and the URL is right"
         return ConnectionFailed(
-            f"could not connect to {url} within {timeout:g} s: {reason}; check that the "
-            "server is running and the URL is right"
+            f"could not connect to {self.settings.redacted_url()} (waited "
+            f"{self.settings.connect_timeout:g} s): {reason}; {advice}"
         )
 
     def _probe_options(self) -> dict[str, Any]:
@@ -299,10 +308,7 @@ class EventLog(_LogBase):
         A transaction left open on it is rolled back when it returns to the pool.
         """
         self.open()
-        try:
-            conn = self._pool.getconn()
-        except PoolTimeout as exc:
-            raise self._pool_failure(self._connect_error()) from exc
+        conn = self._getconn()
         # getconn and putconn, not the pool's connection() context manager, which
         # adds the connection's own context manager (a no-op in autocommit) and
         # costs about 3.5 us more per publish.
@@ -313,12 +319,19 @@ class EventLog(_LogBase):
         finally:
             self._pool.putconn(conn)
 
-    def _connect_error(self) -> str | None:
-        """Return why a new connection fails now, or None if one succeeds."""
+    def _getconn(self) -> psycopg.Connection:
+        """Take a pooled connection, or raise ConnectionFailed with the reason."""
+        try:
+            return self._pool.getconn()
+        except PoolTimeout as exc:
+            raise self._pool_failure(self._connect_error()) from exc
+
+    def _connect_error(self) -> psycopg.Error | None:
+        """Return the error of a new direct connection, or None if one succeeds."""
         try:
             psycopg.Connection.connect(self._conninfo, **self._probe_options()).close()
         except psycopg.Error as exc:
-            return _one_line(exc)
+            return exc
         return None
 
     # -- publishing ----------------------------------------------------------------------
@@ -487,10 +500,7 @@ class AsyncEventLog(_LogBase):
         await self.open()
         assert self._pool is not None
         pool = self._pool
-        try:
-            conn = await pool.getconn()
-        except PoolTimeout as exc:
-            raise self._pool_failure(await self._connect_error()) from exc
+        conn = await self._getconn(pool)
         # As in EventLog.connection: getconn and putconn, without the context managers.
         try:
             yield conn
@@ -499,12 +509,19 @@ class AsyncEventLog(_LogBase):
         finally:
             await pool.putconn(conn)
 
-    async def _connect_error(self) -> str | None:
-        """Return why a new connection fails now, or None if one succeeds."""
+    async def _getconn(self, pool: AsyncConnectionPool) -> psycopg.AsyncConnection:
+        """Take a pooled connection, or raise ConnectionFailed with the reason."""
+        try:
+            return await pool.getconn()
+        except PoolTimeout as exc:
+            raise self._pool_failure(await self._connect_error()) from exc
+
+    async def _connect_error(self) -> psycopg.Error | None:
+        """Return the error of a new direct connection, or None if one succeeds."""
         try:
             conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._probe_options())
         except psycopg.Error as exc:
-            return _one_line(exc)
+            return exc
         await conn.close()
         return None
 

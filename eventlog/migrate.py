@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 
 from ._settings import Settings
+from .errors import translate
 from .schema import EVENTS_TABLE, VERSION_TABLE
 
 __all__ = [
@@ -87,7 +90,7 @@ def upgrade(
     logger.info(
         "upgrading event log schema %r to %s", config.attributes["eventlog_schema"], revision
     )
-    with _alembic_lock, _outer_environment_kept():
+    with _alembic_lock, _outer_environment_kept(), _translated(config):
         command.upgrade(config, revision)
 
 
@@ -103,8 +106,19 @@ def downgrade(
     logger.info(
         "downgrading event log schema %r to %s", config.attributes["eventlog_schema"], revision
     )
-    with _alembic_lock, _outer_environment_kept():
+    with _alembic_lock, _outer_environment_kept(), _translated(config):
         command.downgrade(config, revision)
+
+
+@contextlib.contextmanager
+def _translated(config: Config) -> Iterator[None]:
+    """Raise eventlog errors for the driver's errors, as the rest of the library does."""
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.Error):
+            raise translate(exc.orig, config.attributes["eventlog_schema"]) from exc
+        raise
 
 
 @contextlib.contextmanager

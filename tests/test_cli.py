@@ -309,6 +309,17 @@ def test_publish_nan_and_array_metadata(cli_runner: Cli) -> None:
     assert "argument --metadata: expected a JSON object" in array.stderr
 
 
+def test_publish_null_and_huge_numbers(cli_runner: Cli, admin: psycopg.Connection, schema: str) -> None:
+    null = cli_runner.run("publish", "t", "--type", "x", "--data", "null")
+    huge = cli_runner.run("publish", "t", "--type", "x", "--data", '{"v": 1e400}')
+
+    assert null.returncode == 2
+    assert "argument --data: null is not allowed as event data; pass {}" in null.stderr
+    assert huge.returncode == 2
+    assert "argument --data: the number 1e400 is too large for a double" in huge.stderr
+    assert admin.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()[0] == 0
+
+
 def test_publish_missing_type(cli_runner: Cli) -> None:
     result = cli_runner.run("publish", "t", "--data", "{}")
 

@@ -17,6 +17,7 @@ from helpers import wait_until
 from psycopg import sql
 
 import eventlog
+import eventlog.migrate
 from eventlog import pg
 from eventlog.errors import ConnectionFailed, DatabaseError, TransactionStateError, is_transient
 
@@ -226,3 +227,27 @@ def test_transaction_over_limit_keeps_earlier_events(log, small_batch_limit):
 
     assert 5 < len(accepted) < 100
     assert [event.data["number"] for event in log.read()] == list(range(len(accepted)))
+
+
+def test_single_event_over_limit_rejected(log, small_batch_limit):
+    with pytest.raises(eventlog.DataTooLarge, match=r"^1 event\(s\) take .* publish a reference"):
+        log.publish_many([("t", "e", {"text": "x" * 3_000})])
+    assert log.read() == []
+
+
+def test_data_limit_setting_capped() -> None:
+    with pytest.raises(eventlog.ConfigurationError, match="max_data_bytes"):
+        eventlog.EventLog("postgresql://localhost/x", max_data_bytes=2**31)
+
+
+def test_missing_schema_names_migrate_command(database_url) -> None:
+    with eventlog.EventLog(database_url, schema="not_migrated") as log:
+        with pytest.raises(eventlog.SchemaNotFound, match=r"run `eventlog migrate --schema not_migrated`"):
+            log.publish("t", "e")
+
+
+def test_migrate_connect_failure_translated(database_url) -> None:
+    parts = urllib.parse.urlsplit(database_url)
+    url = urllib.parse.urlunsplit(parts._replace(path="/no_such_database"))
+    with pytest.raises(ConnectionFailed, match='database "no_such_database" does not exist'):
+        eventlog.migrate.upgrade(url, schema="unreachable")

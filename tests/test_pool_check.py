@@ -108,3 +108,23 @@ def test_prepared_statements_setting(database_url, schema, monkeypatch, prepared
         assert count >= 3
     else:
         assert count == 0
+
+
+def test_subscribe_reports_connect_failure(database_url, schema, caplog):
+    # Subscribing borrows a pooled connection before it starts the listener and
+    # waits for LISTEN, so a bad URL fails after one connect_timeout, with the reason.
+    url = _with_database(database_url, "no_such_database")
+    with eventlog.EventLog(url, schema=schema, connect_timeout=1.0) as log:
+        with pytest.raises(eventlog.ConnectionFailed, match='database "no_such_database" does not exist'):
+            log.subscribe("a").open()
+
+    assert not [r for r in caplog.records if r.name.startswith("eventlog._")], "the listener was started"
+
+
+async def test_async_subscribe_reports_connect_failure(database_url, schema, caplog):
+    url = _with_database(database_url, "no_such_database")
+    async with eventlog.AsyncEventLog(url, schema=schema, connect_timeout=1.0) as log:
+        with pytest.raises(eventlog.ConnectionFailed, match='database "no_such_database" does not exist'):
+            await log.subscribe("a").open()
+
+    assert not [r for r in caplog.records if r.name.startswith("eventlog._")], "the listener was started"

@@ -18,6 +18,8 @@ import pytest
 import eventlog
 from eventlog import InvalidEvent, NewEvent
 from eventlog._encoding import MAX_TOPIC_BYTES, MAX_TOPICS_PER_EVENT, MAX_TYPE_BYTES
+from eventlog._settings import MAX_DATA_BYTES
+from eventlog._sql import encode_event
 
 LONG_TOPIC = "x" * (MAX_TOPIC_BYTES + 88)
 # Fewer characters than MAX_TOPIC_BYTES, but more bytes in UTF-8.
@@ -30,26 +32,48 @@ MIGRATION = importlib.import_module("eventlog._migrations.versions.0001_create_e
 NOT_WHITESPACE = ["\u200b", "\u180e", "\ufeff", "\u2060", "\x1b", "\x7f", "_"]
 AWKWARD_TOPICS = ['say "hi"', "back\\slash", "{braces}", "NULL", "a,b", " padded ", "käse", "é:ü/ß"]
 
+DATA = '{"n": 1}'
+METADATA_REASON = 'expected a JSON object such as {"correlation_id": "...", "actor": "..."}'
+LONG_METADATA = list(range(40))
 
-def publish(conn: psycopg.Connection, schema: str, topics: Any, event_type: Any) -> int:
-    """Call publish_v1 and return the new event's id."""
+
+def publish(
+    conn: psycopg.Connection,
+    schema: str,
+    topics: Any,
+    event_type: Any,
+    data: str | None = DATA,
+    metadata: str | None = "{}",
+) -> int:
+    """Call publish_v1 with `data` and `metadata` as JSON text (None as SQL NULL) and return the new id."""
     row = conn.execute(
         f'SELECT id FROM "{schema}".publish_v1(%s::text[], %s::text, %s::jsonb, %s::jsonb)',
-        [topics, event_type, '{"n": 1}', "{}"],
+        [topics, event_type, data, metadata],
     ).fetchone()
     assert row is not None
     return row[0]
 
 
-def publish_batch(conn: psycopg.Connection, schema: str, topics: Any, types: list[Any]) -> list[int]:
-    """Call publish_batch_v1 with `topics` as JSON (None as SQL NULL) and return the ids."""
+def publish_batch(
+    conn: psycopg.Connection,
+    schema: str,
+    topics: Any,
+    types: list[Any],
+    data: list[str | None] | None = None,
+    metadata: list[str | None] | None = None,
+) -> list[int]:
+    """Call publish_batch_v1 with `topics` as JSON (None as SQL NULL) and return the ids.
+
+    `data` and `metadata` give each event's JSON text, with None as SQL NULL. By
+    default each event gets {"n": <position>} and {}.
+    """
     rows = conn.execute(
         f'SELECT id FROM "{schema}".publish_batch_v1(%s::jsonb, %s::text[], %s::jsonb[], %s::jsonb[])',
         [
             None if topics is None else json.dumps(topics),
             types,
-            [json.dumps({"n": n}) for n in range(len(types))],
-            ["{}"] * len(types),
+            [json.dumps({"n": n}) for n in range(len(types))] if data is None else data,
+            ["{}"] * len(types) if metadata is None else metadata,
         ],
     ).fetchall()
     return [row[0] for row in rows]
@@ -63,6 +87,14 @@ def stored(conn: psycopg.Connection, schema: str) -> list[tuple[list[str], str]]
     ]
 
 
+def stored_payloads(conn: psycopg.Connection, schema: str) -> list[tuple[Any, Any]]:
+    """Return the data and metadata of every stored event, in id order."""
+    return [
+        (row[0], row[1])
+        for row in conn.execute(f'SELECT data, metadata FROM "{schema}".events ORDER BY id').fetchall()
+    ]
+
+
 def stored_count(conn: psycopg.Connection, schema: str) -> int:
     row = conn.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()
     assert row is not None
@@ -70,10 +102,20 @@ def stored_count(conn: psycopg.Connection, schema: str) -> int:
 
 
 def invalid(
-    name: str, topics: Any, event_type: Any, subject: str, reason: str, batch: tuple[str, str] | None = None
+    name: str,
+    topics: Any,
+    event_type: Any,
+    subject: str,
+    reason: str,
+    batch: tuple[str, str] | None = None,
+    *,
+    data: str = DATA,
+    metadata: str = "{}",
 ) -> Any:
     batch_subject, batch_reason = batch or (subject, reason)
-    return pytest.param(topics, event_type, subject, reason, batch_subject, batch_reason, id=name)
+    return pytest.param(
+        topics, event_type, data, metadata, subject, reason, batch_subject, batch_reason, id=name
+    )
 
 
 def cut(text: str) -> str:
@@ -81,9 +123,10 @@ def cut(text: str) -> str:
     return f'"{text[:77]}..."'
 
 
-# Events that eventlog._encoding rejects. publish_v1's message is "<subject>:
-# <reason>", and publish_batch_v1 puts the event's position after the subject.
-# `batch` gives publish_batch_v1's subject and reason where they differ.
+# Events that eventlog._encoding rejects, or stores with {} in place of JSON null.
+# publish_v1's message is "<subject>: <reason>", and publish_batch_v1 puts the
+# event's position after the subject. `batch` gives publish_batch_v1's subject
+# and reason where they differ. `data` and `metadata` are JSON text.
 INVALID_EVENTS = [
     invalid("topic-empty", ["ok", ""], "t", 'invalid topic ""', "a topic must not be empty"),
     invalid(
@@ -121,35 +164,77 @@ INVALID_EVENTS = [
         "type-bytes-over", ["ok"], "é" * (MAX_TYPE_BYTES // 2 + 1), f"invalid event type {cut('é' * MAX_TYPE_BYTES)}",
         f"{MAX_TYPE_BYTES + 1} bytes in UTF-8, the maximum is {MAX_TYPE_BYTES}",
     ),
+    invalid(
+        "data-null", ["ok"], "t", "invalid event data null", "JSON null is not allowed; pass {} or omit data",
+        batch=("invalid event data null", "JSON null is not allowed; pass {} instead"), data="null",
+    ),
+    invalid("metadata-array", ["ok"], "t", "invalid event metadata []", METADATA_REASON, metadata="[]"),
+    invalid("metadata-string", ["ok"], "t", 'invalid event metadata "x"', METADATA_REASON, metadata='"x"'),
+    invalid("metadata-number", ["ok"], "t", "invalid event metadata 7", METADATA_REASON, metadata="7"),
+    invalid("metadata-boolean", ["ok"], "t", "invalid event metadata true", METADATA_REASON, metadata="true"),
+    invalid("metadata-null", ["ok"], "t", "invalid event metadata null", METADATA_REASON, metadata="null"),
+    invalid(
+        "metadata-long-array", ["ok"], "t", f"invalid event metadata {json.dumps(LONG_METADATA)[:77]}...",
+        METADATA_REASON, metadata=json.dumps(LONG_METADATA),
+    ),
+    # The first problem is named, in the order topics, type, data, metadata.
+    invalid(
+        "type-before-data", ["ok"], "", 'invalid event type ""', "it must contain a visible character",
+        data="null", metadata="[]",
+    ),
+    invalid(
+        "data-before-metadata", ["ok"], "t", "invalid event data null",
+        "JSON null is not allowed; pass {} or omit data",
+        batch=("invalid event data null", "JSON null is not allowed; pass {} instead"), data="null", metadata="[]",
+    ),
 ]
 
+INVALID_EVENT_FIELDS = "topics, event_type, data, metadata, subject, reason, batch_subject, batch_reason"
 
-@pytest.mark.parametrize("topics, event_type, subject, reason, batch_subject, batch_reason", INVALID_EVENTS)
+
+def library_rejects(topics: Any, event_type: Any, data: str, metadata: str) -> None:
+    """Check that the Python library rejects the event too, or stores {} in place of its JSON null.
+
+    JSON null is Python's None, which the library stores as {} in data and metadata.
+    """
+    try:
+        encoded = encode_event(NewEvent(topics, event_type, json.loads(data), json.loads(metadata)), MAX_DATA_BYTES)
+    except InvalidEvent:
+        return
+    assert "null" in (data, metadata)
+    expected = [{} if value == "null" else json.loads(value) for value in (data, metadata)]
+    assert [json.loads(encoded.data), json.loads(encoded.metadata)] == expected
+
+
+@pytest.mark.parametrize(INVALID_EVENT_FIELDS, INVALID_EVENTS)
 def test_publish_v1_rejects(
     admin: psycopg.Connection,
     schema: str,
     topics: Any,
     event_type: Any,
+    data: str,
+    metadata: str,
     subject: str,
     reason: str,
     batch_subject: str,
     batch_reason: str,
 ) -> None:
-    with pytest.raises(InvalidEvent):
-        NewEvent(topics, event_type)  # the Python library rejects it too
+    library_rejects(topics, event_type, data, metadata)
 
     with pytest.raises(psycopg.errors.InvalidParameterValue) as raised:
-        publish(admin, schema, topics, event_type)
+        publish(admin, schema, topics, event_type, data, metadata)
     assert raised.value.diag.message_primary == f"{subject}: {reason}"
     assert stored_count(admin, schema) == 0
 
 
-@pytest.mark.parametrize("topics, event_type, subject, reason, batch_subject, batch_reason", INVALID_EVENTS)
+@pytest.mark.parametrize(INVALID_EVENT_FIELDS, INVALID_EVENTS)
 def test_publish_batch_v1_rejects(
     admin: psycopg.Connection,
     schema: str,
     topics: Any,
     event_type: Any,
+    data: str,
+    metadata: str,
     subject: str,
     reason: str,
     batch_subject: str,
@@ -159,7 +244,10 @@ def test_publish_batch_v1_rejects(
     event_topics = [] if topics is None else topics
 
     with pytest.raises(psycopg.errors.InvalidParameterValue) as raised:
-        publish_batch(admin, schema, [["a"], ["b"], event_topics, ["d"]], ["t", "t", event_type, "t"])
+        publish_batch(
+            admin, schema, [["a"], ["b"], event_topics, ["d"]], ["t", "t", event_type, "t"],
+            data=[DATA, None, data, "[]"], metadata=["{}", None, metadata, '{"k": "v"}'],
+        )
     assert raised.value.diag.message_primary == f"{batch_subject} in event 3 of 4: {batch_reason}"
     assert stored_count(admin, schema) == 0
 
@@ -226,6 +314,10 @@ def test_rejected_calls_skip_ordering_lock(database_url: str, admin: psycopg.Con
             publish(admin, schema, ["a"], "\t")
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             publish_batch(admin, schema, [["a"], [""]], ["t", "t"])
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            publish(admin, schema, ["a"], "t", data="null")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            publish_batch(admin, schema, [["a"], ["b"]], ["t", "t"], metadata=["{}", "[]"])
         holder.rollback()
 
 
@@ -245,6 +337,52 @@ def test_publish_batch_v1_stores_duplicate_topics_once(admin: psycopg.Connection
 
     assert ids == sorted(ids)
     assert stored(admin, schema) == [(["x"], "t1"), (["b", "a", "c"], "t2"), (["y"], "t3"), (["z", "w"], "t4")]
+
+
+# Data that publish_v1 and publish_batch_v1 accept: any JSON value but null.
+ACCEPTED_DATA = [[1, "two"], [], "text", "", 0, -1.5, True, False, {"nested": {"list": [None]}}, {}]
+
+
+def test_data_other_than_null_accepted(admin: psycopg.Connection, schema: str, log: eventlog.EventLog) -> None:
+    metadata = {"correlation_id": "c-1", "actor": {"id": 7}}
+    for data in ACCEPTED_DATA:
+        encode_event(NewEvent(["a"], "t", data, metadata), MAX_DATA_BYTES)  # the Python library accepts it too
+
+    for data in ACCEPTED_DATA:
+        publish(admin, schema, ["a"], "t", json.dumps(data), json.dumps(metadata))
+    publish_batch(
+        admin, schema, [["a"]] * len(ACCEPTED_DATA), ["t"] * len(ACCEPTED_DATA),
+        data=[json.dumps(data) for data in ACCEPTED_DATA], metadata=[json.dumps(metadata)] * len(ACCEPTED_DATA),
+    )
+
+    # Compared as JSON text with sorted keys, because 0 == False in Python and
+    # jsonb does not keep the order of keys.
+    expected = json.dumps([(data, metadata) for data in ACCEPTED_DATA] * 2, sort_keys=True)
+    assert json.dumps(stored_payloads(admin, schema), sort_keys=True) == expected
+    events = log.read(limit=100)
+    assert json.dumps([(event.data, event.metadata) for event in events], sort_keys=True) == expected
+
+
+def test_sql_null_payload_stored_as_empty(admin: psycopg.Connection, schema: str) -> None:
+    library = encode_event(NewEvent(["a"], "t"), MAX_DATA_BYTES)  # the library stores {} for None
+    assert library.data == "{}"
+    assert library.metadata == "{}"
+
+    publish(admin, schema, ["a"], "t", None, None)
+    publish(admin, schema, ["a"], "t", DATA, None)
+    publish(admin, schema, ["a"], "t", None, '{"k": "v"}')
+    admin.execute(f"""SELECT * FROM "{schema}".publish_v1(ARRAY['a'], 't')""")  # both left out
+    publish_batch(admin, schema, [["a"], ["b"], ["c"]], ["t", "t", "t"], [None, DATA, None], [None, None, '{"k": "v"}'])
+
+    assert stored_payloads(admin, schema) == [
+        ({}, {}),
+        ({"n": 1}, {}),
+        ({}, {"k": "v"}),
+        ({}, {}),
+        ({}, {}),
+        ({"n": 1}, {}),
+        ({}, {"k": "v"}),
+    ]
 
 
 def test_limits_accepted(admin: psycopg.Connection, schema: str) -> None:

@@ -133,9 +133,9 @@ LANGUAGE sql VOLATILE AS $fn$
 $fn$""",
         # Publishing one event, for SQL callers. No library code checked the
         # arguments first, so it applies the rules of eventlog._encoding itself
-        # (see _topic_problem and _type_problem) and stores each topic once, in
-        # first-seen order. The checks come before the ordering lock, so that a
-        # rejected call never takes it.
+        # (see _topic_problem, _type_problem, _data_problem and _metadata_problem)
+        # and stores each topic once, in first-seen order. The checks come before
+        # the ordering lock, so that a rejected call never takes it.
         f"""
 CREATE FUNCTION {schema}.publish_v1(
     topics text[], type text, data jsonb DEFAULT '{{}}', metadata jsonb DEFAULT '{{}}'
@@ -168,7 +168,9 @@ BEGIN
         error_message := coalesce(
             error_message,
             {_topic_count_problem("cardinality(unique_topics)", "''")},
-            {_type_problem("publish_v1.type", "''")});
+            {_type_problem("publish_v1.type", "''")},
+            {_data_problem("publish_v1.data", "''", _OMIT_DATA)},
+            {_metadata_problem("publish_v1.metadata", "''")});
     END IF;
     IF error_message IS NOT NULL THEN
         RAISE EXCEPTION '%', error_message USING ERRCODE = '22023';
@@ -240,9 +242,12 @@ BEGIN
                    END,
                    t.first_problem,
                    {_topic_count_problem("t.distinct_topics", _EVENT_PLACE)},
-                   {_type_problem("e.event_type", _EVENT_PLACE)}) AS problem
-        FROM ROWS FROM (jsonb_array_elements(publish_batch_v1.topics), unnest(publish_batch_v1.types))
-                 WITH ORDINALITY AS e(event_topics, event_type, ord),
+                   {_type_problem("e.event_type", _EVENT_PLACE)},
+                   {_data_problem("e.event_data", _EVENT_PLACE, _REPLACE_DATA)},
+                   {_metadata_problem("e.event_metadata", _EVENT_PLACE)}) AS problem
+        FROM ROWS FROM (jsonb_array_elements(publish_batch_v1.topics), unnest(publish_batch_v1.types),
+                        unnest(publish_batch_v1.data), unnest(publish_batch_v1.metadata))
+                 WITH ORDINALITY AS e(event_topics, event_type, event_data, event_metadata, ord),
              LATERAL (
                  SELECT count(*) AS all_topics,
                         count(DISTINCT x.topic) AS distinct_topics,
@@ -362,6 +367,33 @@ def _type_problem(event_type: str, place: str) -> str:
             'invalid event type %s%s: %s bytes in UTF-8, the maximum is {MAX_TYPE_BYTES}',
             {_shown(event_type)}, {place}, {size})
     END"""
+
+
+# How each function's message for JSON null data ends. publish_v1 can leave data
+# out; an event of publish_batch_v1 cannot, though a SQL NULL element also stores {}.
+_OMIT_DATA = "pass {} or omit data"
+_REPLACE_DATA = "pass {} instead"
+
+
+def _data_problem(data: str, place: str, remedy: str) -> str:
+    """Return a SQL expression that checks the jsonb expression `data`.
+
+    Data may be any JSON value except null, as docs/guide.md says, because the
+    library stores {} for None. SQL NULL passes: the publish functions store it as {}.
+    """
+    return f"""CASE WHEN jsonb_typeof({data}) = 'null' THEN format(
+        'invalid event data null%s: JSON null is not allowed; {remedy}', {place}) END"""
+
+
+def _metadata_problem(metadata: str, place: str) -> str:
+    """Return a SQL expression that checks the jsonb expression `metadata` as encode_metadata does.
+
+    Metadata must be a JSON object, as the library requires a dict. SQL NULL
+    passes: the publish functions store it as {}.
+    """
+    return f"""CASE WHEN jsonb_typeof({metadata}) <> 'object' THEN format(
+        'invalid event metadata %s%s: expected a JSON object such as {{"correlation_id": "...", "actor": "..."}}',
+        {_shortened(f"{metadata}::text")}, {place}) END"""
 
 
 def _shown(text: str) -> str:
