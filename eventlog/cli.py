@@ -109,7 +109,7 @@ class _Parser(argparse.ArgumentParser):
 class Commands:
     """The registry that registration functions add their subcommands to."""
 
-    def __init__(self, subparsers: Any, common: argparse.ArgumentParser) -> None:
+    def __init__(self, subparsers: Any, common: Callable[[str | None], argparse.ArgumentParser]) -> None:
         self._subparsers = subparsers
         self._common = common
 
@@ -121,14 +121,16 @@ class Commands:
         help: str,
         description: str | None = None,
         epilog: str | None = None,
+        database_url_help: str | None = None,
     ) -> argparse.ArgumentParser:
         """Add subcommand `name` with the common options.
 
         `run(args)` carries out the subcommand and returns the exit status.
+        `database_url_help` replaces the help of --database-url.
         """
         parser = self._subparsers.add_parser(
             name,
-            parents=[self._common],
+            parents=[self._common(database_url_help)],
             help=help,
             description=description or help[:1].upper() + help[1:] + ".",
             epilog=epilog,
@@ -157,22 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # -v before the command too. Its own dest: a subcommand's default of 0 for
+    # "verbose" would overwrite a count made here.
+    parser.add_argument(
+        "-v", "--verbose", dest="verbose_before_command", action="count", default=0,
+        help="as -v after the command (the two counts add up)",
+    )
     subparsers = parser.add_subparsers(
         title="commands", dest="command", metavar="COMMAND", required=True
     )
-    commands = Commands(subparsers, _common_options())
+    commands = Commands(subparsers, _common_options)
     for register in registrations():
         register(commands)
     return parser
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options(database_url_help: str | None = None) -> argparse.ArgumentParser:
+    # Built once per subcommand: argparse shares a parent's actions with every
+    # child, so one subcommand could not change a help text for itself alone.
     common = _Parser(add_help=False)
     group = common.add_argument_group("connection and logging")
     group.add_argument(
         "--database-url",
         metavar="URL",
-        help=(
+        help=database_url_help or (
             "PostgreSQL URL of the database that holds the log, such as "
             "postgresql://user:password@localhost:5432/app (default: $EVENTLOG_DATABASE_URL; "
             "prefer the variable, because other users can see command lines in ps)"
@@ -214,7 +224,7 @@ def _common_options() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose + args.verbose_before_command)
     _configure_stdout()
     try:
         return args.run(args)

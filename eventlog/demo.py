@@ -1086,6 +1086,10 @@ def register(commands: Commands) -> None:
             "tab must have every event of its topics once, and every view must match the shop."
         ),
         epilog=DEMO_EPILOG,
+        database_url_help=(
+            "PostgreSQL URL of a server to run the demo on, in a schema of its own "
+            "(default: a throwaway local server; $EVENTLOG_DATABASE_URL is not read)"
+        ),
     )
     parser.add_argument(
         "--keep", action="store_true",

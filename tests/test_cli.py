@@ -320,6 +320,15 @@ def test_publish_null_and_huge_numbers(cli_runner: Cli, admin: psycopg.Connectio
     assert admin.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()[0] == 0
 
 
+def test_verbose_before_command(cli_runner: Cli) -> None:
+    before = cli_runner.run("-vv", "events")
+    after = cli_runner.run("events", "-vv")
+
+    assert before.returncode == 0, before.stderr
+    assert "DEBUG" in before.stderr
+    assert "DEBUG" in after.stderr
+
+
 def test_publish_missing_type(cli_runner: Cli) -> None:
     result = cli_runner.run("publish", "t", "--data", "{}")
 

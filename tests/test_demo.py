@@ -84,3 +84,12 @@ def test_cli_on_embedded_server():
     folder = re.search(r"data in (\S+)/data", result.stdout)
     assert folder is not None, result.stdout
     assert not Path(folder.group(1)).exists(), "the temporary server folder was not removed"
+
+
+def test_demo_help_names_its_default_server() -> None:
+    result = run_cli("--help")
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "(default: a throwaway local server; $EVENTLOG_DATABASE_URL is not read)" in text
+    assert "default: $EVENTLOG_DATABASE_URL" not in text
