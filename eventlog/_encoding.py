@@ -37,6 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ._settings import MAX_DATA_BYTES_LIMIT
 from .errors import DataTooLarge, InvalidData, InvalidEventType, InvalidTopic
 
 MAX_TOPIC_BYTES = 512
@@ -169,10 +170,11 @@ def encode_data(value: Any, limit: int, what: str = "data") -> str:
         )
     size = len(text.encode("utf-8"))
     if size > limit:
+        # Raising max_data_bytes helps only below its own ceiling (_settings).
+        raise_it = ", or raise max_data_bytes" if limit < MAX_DATA_BYTES_LIMIT else ""
         raise DataTooLarge(
             f"event {what} is {size} bytes as JSON, over the limit of {limit} bytes; "
-            "store large payloads elsewhere and publish a reference, or raise "
-            "max_data_bytes",
+            f"store large payloads elsewhere and publish a reference{raise_it}",
             size,
             limit,
         )

@@ -36,7 +36,9 @@ class PendingEvent:
     with its id. `discarded` turns true if the transaction (or the savepoint the
     event was published in) rolls back instead. That includes a COMMIT that
     fails after the write: `event` then keeps the id the event would have had,
-    which no reader will ever see.
+    which no reader will ever see. A COMMIT that loses its connection
+    (`ConnectionFailed`) may have gone through: `discarded` stays false and
+    `event` has the id to look for with a read.
     """
 
     __slots__ = ("_discarded", "_event", "schema", "topics", "type")

@@ -14,8 +14,8 @@ from .errors import ConfigurationError
 DEFAULT_SCHEMA = "eventlog"
 MAX_DATA_BYTES = 1024 * 1024
 # The highest max_data_bytes: data and metadata of one event must fit in one write
-# (256 MiB, eventlog._sql.MAX_BATCH_BYTES), and a jsonb value in PostgreSQL's limit
-# of 256 MB.
+# (256 MiB, eventlog._sql.MAX_BATCH_BYTES). NOTE: jsonb may still fail below it for
+# values of very many small elements (see the guide), which no byte limit predicts.
 MAX_DATA_BYTES_LIMIT = 128 * 1024 * 1024
 
 # Lower-case identifiers only, so the schema never needs quoting in SQL that other

@@ -109,7 +109,7 @@ class _Parser(argparse.ArgumentParser):
 class Commands:
     """The registry that registration functions add their subcommands to."""
 
-    def __init__(self, subparsers: Any, common: Callable[[str | None], argparse.ArgumentParser]) -> None:
+    def __init__(self, subparsers: Any, common: Callable[[str | None, str | None], argparse.ArgumentParser]) -> None:
         self._subparsers = subparsers
         self._common = common
 
@@ -122,15 +122,17 @@ class Commands:
         description: str | None = None,
         epilog: str | None = None,
         database_url_help: str | None = None,
+        schema_help: str | None = None,
     ) -> argparse.ArgumentParser:
         """Add subcommand `name` with the common options.
 
         `run(args)` carries out the subcommand and returns the exit status.
-        `database_url_help` replaces the help of --database-url.
+        `database_url_help` and `schema_help` replace the help of --database-url
+        and --schema.
         """
         parser = self._subparsers.add_parser(
             name,
-            parents=[self._common(database_url_help)],
+            parents=[self._common(database_url_help, schema_help)],
             help=help,
             description=description or help[:1].upper() + help[1:] + ".",
             epilog=epilog,
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_options(database_url_help: str | None = None) -> argparse.ArgumentParser:
+def _common_options(database_url_help: str | None = None, schema_help: str | None = None) -> argparse.ArgumentParser:
     # Built once per subcommand: argparse shares a parent's actions with every
     # child, so one subcommand could not change a help text for itself alone.
     common = _Parser(add_help=False)
@@ -192,7 +194,7 @@ def _common_options(database_url_help: str | None = None) -> argparse.ArgumentPa
         "--schema",
         metavar="NAME",
         type=_schema_name,
-        help="PostgreSQL schema of the log (default: $EVENTLOG_SCHEMA, else eventlog)",
+        help=schema_help or "PostgreSQL schema of the log (default: $EVENTLOG_SCHEMA, else eventlog)",
     )
     group.add_argument(
         "--connect-timeout",

@@ -1090,6 +1090,10 @@ def register(commands: Commands) -> None:
             "PostgreSQL URL of a server to run the demo on, in a schema of its own "
             "(default: a throwaway local server; $EVENTLOG_DATABASE_URL is not read)"
         ),
+        schema_help=(
+            "schema for the demo's log, which must not exist yet "
+            "(default: eventlog_demo_<random>; $EVENTLOG_SCHEMA is not read)"
+        ),
     )
     parser.add_argument(
         "--keep", action="store_true",

@@ -128,7 +128,13 @@ def _one_line(exc: BaseException) -> str:
     # libpq messages span lines ("...failed: Connection refused\n\tIs the server
     # running..."). They name host, port, user and database but not the password,
     # which test_password_hidden_when_unreachable checks.
-    return " ".join(str(exc).split())
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    text = ""
+    for line in lines:
+        if text:
+            text += " " if text.endswith((".", ":", ";", "?", "!")) else ". "
+        text += line
+    return text
 
 
 def _topics_filter(topics: str | Iterable[str] | None) -> tuple[str, ...] | None:

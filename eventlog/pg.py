@@ -271,12 +271,16 @@ async def _async_transaction(tx: AsyncTransaction) -> AsyncIterator[AsyncTransac
 
 
 def _rolled_back(tx: _TransactionBase, exc: BaseException, committing: bool) -> ConnectionFailed | None:
-    """Mark the events discarded; return ConnectionFailed if `exc` lost the connection at COMMIT."""
-    tx._rolled_back()
+    """Mark the events discarded, or return ConnectionFailed if `exc` lost the connection at COMMIT.
+
+    In that case the COMMIT may have gone through, so the written events keep
+    their `event` and are not marked discarded: only a read can tell.
+    """
     if committing and isinstance(exc, psycopg.Error) and connection_lost(exc):
         lost = translate(exc, tx.schema)
         assert isinstance(lost, ConnectionFailed)
         return lost
+    tx._rolled_back()
     return None
 
 

@@ -46,7 +46,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from ._outbox import Buffer, Entry, PendingEvent, by_schema, encode_many, encode_one, resolve
 from ._sql import batch_function_params
-from .errors import TransactionStateError, translate
+from .errors import TransactionStateError, connection_lost, translate
 
 __all__ = ["PendingEvent", "publish", "publish_many"]
 
@@ -213,6 +213,9 @@ def _on_engine_error(context: Any) -> None:
     # passes through here, with no statement.
     if context.statement is not None or context.connection is None:
         return
+    cause = getattr(context, "original_exception", None)
+    if isinstance(cause, psycopg.Error) and connection_lost(cause):
+        return  # the COMMIT may have gone through: the events stay in doubt, not discarded
     outbox = _ConnectionOutbox._registry.get(context.connection)
     if outbox is not None:
         outbox._on_failed_commit()

@@ -93,3 +93,4 @@ def test_demo_help_names_its_default_server() -> None:
     text = " ".join(result.stdout.split())
     assert "(default: a throwaway local server; $EVENTLOG_DATABASE_URL is not read)" in text
     assert "default: $EVENTLOG_DATABASE_URL" not in text
+    assert "(default: eventlog_demo_<random>; $EVENTLOG_SCHEMA is not read)" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
+from collections.abc import Callable
 
 import psycopg
 import psycopg.errors
@@ -111,6 +112,16 @@ def slow_commit(admin, schema) -> None:
         """).format(ident, ident))
 
 
+def _terminate_during_commit(admin: psycopg.Connection, work: Callable[[], None]) -> None:
+    """Run `work` in a thread and terminate its backend while its COMMIT sleeps (slow_commit)."""
+    worker = threading.Thread(target=work)
+    worker.start()
+    sleeping = "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'"
+    wait_until(lambda: admin.execute(sleeping).fetchone(), what="COMMIT sleeping")
+    admin.execute("SELECT pg_terminate_backend(%s)", [admin.execute(sleeping).fetchone()[0]])
+    worker.join(30)
+
+
 def test_connection_lost_at_commit(database_url, schema, admin, slow_commit):
     # On the application's own connection, a COMMIT that loses its connection may
     # or may not have committed the events: that is ConnectionFailed, as elsewhere.
@@ -125,16 +136,13 @@ def test_connection_lost_at_commit(database_url, schema, admin, slow_commit):
             except BaseException as exc:
                 errors.append(exc)
 
-    publisher = threading.Thread(target=publish)
-    publisher.start()
-    sleeping = "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'"
-    wait_until(lambda: admin.execute(sleeping).fetchone(), what="COMMIT sleeping")
-    admin.execute("SELECT pg_terminate_backend(%s)", [admin.execute(sleeping).fetchone()[0]])
-    publisher.join(30)
+    _terminate_during_commit(admin, publish)
 
     assert len(errors) == 1
     assert isinstance(errors[0], ConnectionFailed)
-    assert pending[0].discarded
+    # The outcome is unknown to the client, so the event is not called discarded.
+    assert not pending[0].discarded
+    assert pending[0].event is not None
 
 
 def test_deferred_constraint_error_passes_through(database_url, schema, admin):
@@ -251,3 +259,28 @@ def test_migrate_connect_failure_translated(database_url) -> None:
     url = urllib.parse.urlunsplit(parts._replace(path="/no_such_database"))
     with pytest.raises(ConnectionFailed, match='database "no_such_database" does not exist'):
         eventlog.migrate.upgrade(url, schema="unreachable")
+
+
+def test_sqlalchemy_connection_lost_at_commit(database_url, schema, admin, slow_commit):
+    import sqlalchemy as sa
+
+    from eventlog._settings import sqlalchemy_url
+    from eventlog.sqlalchemy import publish
+
+    engine = sa.create_engine(sqlalchemy_url(database_url), poolclass=sa.NullPool)
+    errors: list[BaseException] = []
+    pending: list[pg.PendingEvent] = []
+
+    def commit() -> None:
+        try:
+            with engine.begin() as conn:
+                pending.append(publish(conn, "t", "lost at commit", schema=schema))
+        except BaseException as exc:
+            errors.append(exc)
+
+    _terminate_during_commit(admin, commit)
+    engine.dispose()
+
+    assert len(errors) == 1
+    assert not pending[0].discarded, "a COMMIT of unknown outcome was reported as rolled back"
+    assert pending[0].event is not None

@@ -318,6 +318,8 @@ def test_rejected_calls_skip_ordering_lock(database_url: str, admin: psycopg.Con
             publish(admin, schema, ["a"], "t", data="null")
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             publish_batch(admin, schema, [["a"], ["b"]], ["t", "t"], metadata=["{}", "[]"])
+        # An empty batch writes nothing, so it does not wait for the lock either.
+        assert publish_batch(admin, schema, [], []) == []
         holder.rollback()
 
 

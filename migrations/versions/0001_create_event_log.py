@@ -276,6 +276,9 @@ BEGIN
                        GROUP BY x.topic) AS f
              ) AS u;
     END IF;
+    IF jsonb_array_length(batch_topics) = 0 THEN
+        RETURN;  -- nothing to write, so no reason to wait for the lock
+    END IF;
 
     PERFORM {schema}.ordering_lock_v1();
     WITH input AS (
