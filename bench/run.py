@@ -58,7 +58,7 @@ class Sizes:
 FULL = Sizes(
     concurrency=[1, 4, 16],
     publish_seconds=1.0,
-    publish_rounds=10,
+    publish_rounds=20,
     lock_seconds=0.5,
     batch_size=1000,
     batch_rounds=15,
