@@ -247,8 +247,8 @@ class Subscription(_SubscriptionBase):
         with self._lock:
             if self._core.state is not SubscriptionState.INITIAL:
                 self._core.require(SubscriptionState.INITIAL)
-            # A pooled connection first: a wrong URL or password then fails at once,
-            # before the wait for LISTEN, which would only time out.
+            # A pooled connection first, so that a wrong URL fails once, with the
+            # server's reason, before the listener starts and waits for LISTEN.
             with self._log.connection():
                 pass
             self._listener = self._log._listener(self)
@@ -415,7 +415,7 @@ class AsyncSubscription(_SubscriptionBase):
 
     async def open(self) -> AsyncSubscription:
         self._core.require(SubscriptionState.INITIAL)
-        async with self._log.connection():  # fail fast, as in Subscription.open
+        async with self._log.connection():  # see Subscription.open
             pass
         self._bell = _LoopDoorbell(self._core, asyncio.get_running_loop())
         self._listener = self._log._listener(self)

@@ -165,10 +165,6 @@ class _LogBase:
             settings = Settings.model_validate(settings.model_dump())
         self.settings = settings
         self._conninfo = settings.conninfo()
-        # True: prepare publish statements at once; False: never (a pooler that
-        # does not keep prepared statements, such as PgBouncer in transaction mode
-        # before 1.21).
-        self._prepare = settings.prepared_statements
         self._listener_lock = threading.Lock()
         self._listener_ref: _listener.Listener | None = None
         self._listener_users = 0
@@ -181,9 +177,11 @@ class _LogBase:
         return self.settings.schema_name
 
     def _pool_options(self) -> dict[str, Any]:
-        if self._prepare:
+        # prepared_statements off is for poolers that do not keep prepared
+        # statements, such as PgBouncer in transaction mode before 1.21. The
+        # threshold covers statements that do not choose, such as a transaction's write.
+        if self.settings.prepared_statements:
             return _POOL_CONNECTION_OPTIONS
-        # Also for statements that do not choose, such as a transaction's write.
         return {**_POOL_CONNECTION_OPTIONS, "prepare_threshold": None}
 
     def __repr__(self) -> str:
@@ -353,7 +351,7 @@ class EventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         with self.connection() as conn:
-            row = conn.execute(*publish_call(self.schema, encoded), prepare=self._prepare).fetchone()
+            row = conn.execute(*publish_call(self.schema, encoded), prepare=self.settings.prepared_statements).fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
 
@@ -364,7 +362,9 @@ class EventLog(_LogBase):
             return []
         with self.connection() as conn:
             rows = conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=self._prepare
+                statements(self.schema).publish_batch,
+                publish_batch_params(self.schema, encoded),
+                prepare=self.settings.prepared_statements,
             ).fetchall()
         return stored_events(encoded, rows)
 
@@ -542,7 +542,7 @@ class AsyncEventLog(_LogBase):
         """Append one event and ring its topics' doorbells; return the stored event."""
         encoded = self._encode_one(topics, type, data, metadata)
         async with self.connection() as conn:
-            cur = await conn.execute(*publish_call(self.schema, encoded), prepare=self._prepare)
+            cur = await conn.execute(*publish_call(self.schema, encoded), prepare=self.settings.prepared_statements)
             row = await cur.fetchone()
         assert row is not None
         return encoded.stored(row[0], row[1])
@@ -554,7 +554,9 @@ class AsyncEventLog(_LogBase):
             return []
         async with self.connection() as conn:
             cur = await conn.execute(
-                statements(self.schema).publish_batch, publish_batch_params(self.schema, encoded), prepare=self._prepare
+                statements(self.schema).publish_batch,
+                publish_batch_params(self.schema, encoded),
+                prepare=self.settings.prepared_statements,
             )
             rows = await cur.fetchall()
         return stored_events(encoded, rows)

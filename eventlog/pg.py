@@ -62,8 +62,8 @@ class _TransactionBase:
         self._savepoints = 0
 
     def _opened(self) -> None:
-        # psycopg counts its open transaction() blocks in a private attribute; if
-        # a psycopg release drops it, the check of nested blocks is skipped.
+        # psycopg counts its open transaction() blocks in a private attribute. If a
+        # psycopg release drops it, the check of nested blocks is skipped.
         self._depth = getattr(self.connection, "_num_transactions", None)
 
     def _check_open(self) -> None:
@@ -75,7 +75,7 @@ class _TransactionBase:
         depth = getattr(self.connection, "_num_transactions", None)
         if self._depth is not None and depth is not None and depth > self._depth + self._savepoints:
             raise TransactionStateError(
-                "publishing inside the connection's own transaction() block: eventlog "
+                "cannot publish inside the connection's own transaction() block: eventlog "
                 "cannot see when psycopg rolls that savepoint back, and would write the "
                 "event anyway. Use tx.savepoint() for a nested block that publishes"
             )
@@ -233,7 +233,7 @@ def _sync_transaction(tx: Transaction) -> Iterator[Transaction]:
                 tx._settle(batch, rows)
             committing = True
     except BaseException as exc:
-        lost = _rolled_back(tx, exc, committing)
+        lost = _after_failure(tx, exc, committing)
         if lost is not None:
             raise lost from exc
         raise
@@ -260,7 +260,7 @@ async def _async_transaction(tx: AsyncTransaction) -> AsyncIterator[AsyncTransac
                 tx._settle(batch, rows)
             committing = True
     except BaseException as exc:
-        lost = _rolled_back(tx, exc, committing)
+        lost = _after_failure(tx, exc, committing)
         if lost is not None:
             raise lost from exc
         raise
@@ -270,7 +270,7 @@ async def _async_transaction(tx: AsyncTransaction) -> AsyncIterator[AsyncTransac
         tx._rolled_back()  # psycopg.Rollback ended the block: psycopg swallows it
 
 
-def _rolled_back(tx: _TransactionBase, exc: BaseException, committing: bool) -> ConnectionFailed | None:
+def _after_failure(tx: _TransactionBase, exc: BaseException, committing: bool) -> ConnectionFailed | None:
     """Mark the events discarded, or return ConnectionFailed if `exc` lost the connection at COMMIT.
 
     In that case the COMMIT may have gone through, so the written events keep
